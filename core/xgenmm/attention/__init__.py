@@ -1,0 +1,33 @@
+"""Attention backends behind one interface (see base.py)."""
+
+from .base import AttentionBackend, AttentionMetadata, KVCache, allocate_kv_caches, store_kv
+from .torch_ref import TorchReferenceBackend
+
+__all__ = ["AttentionBackend", "AttentionMetadata", "KVCache", "allocate_kv_caches", "store_kv", "TorchReferenceBackend", "get_attention_backend"]
+
+
+def get_attention_backend(name: str | None, device) -> AttentionBackend:
+    """Pick a backend by name; None = the best one for the device (Triton on CUDA when importable, else torch)."""
+    import torch
+
+    device = torch.device(device)
+    if name is None:
+        if device.type == "cuda":
+            try:
+                from .triton_backend import TritonBackend
+
+                return TritonBackend()
+            except ImportError:
+                pass
+        return TorchReferenceBackend()
+    if name == "torch":
+        return TorchReferenceBackend()
+    if name == "flex":
+        from .flex import FlexAttentionBackend
+
+        return FlexAttentionBackend()
+    if name == "triton":
+        from .triton_backend import TritonBackend
+
+        return TritonBackend()
+    raise ValueError(f"unknown attention backend {name!r}; choose 'torch', 'flex' or 'triton'")
