@@ -1,0 +1,141 @@
+"""Phi-3 decoder over a flat batch of tokens, with explicit attention metadata and a paged KV cache.
+
+The math of `transformers`' Phi3 (fused qkv_proj / gate_up_proj, rotate-half RoPE, RMSNorm in float32), but the
+input is the concatenated new tokens of every scheduled sequence: `[T, hidden]` embeddings, `[T]` absolute positions,
+and an `AttentionMetadata` telling the attention backend where each sequence's context lives in the cache.
+Parameter names mirror the official checkpoint (`layers.{i}.self_attn.qkv_proj`, ...), under `vlm.lang_model.model.`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attention.base import AttentionBackend, AttentionMetadata, KVCache
+from ..config import TextConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half RoPE with a precomputed float32 cos/sin table indexed by absolute position."""
+
+    def __init__(self, head_dim: int, rotary_dim: int, max_positions: int, theta: float):
+        super().__init__()
+        self.head_dim, self.rotary_dim, self.max_positions, self.theta = head_dim, rotary_dim, max_positions, theta
+        self.register_buffer("cos_sin", self._table(torch.device("cpu")), persistent=False)
+
+    def _table(self, device: torch.device) -> torch.Tensor:
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.rotary_dim, 2, dtype=torch.int64, device=device).float() / self.rotary_dim))
+        freqs = torch.arange(self.max_positions, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return torch.stack((emb.cos(), emb.sin()))  # [2, max_pos, rotary_dim]
+
+    def reset_buffers(self) -> None:
+        self.cos_sin = self._table(self.cos_sin.device)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, H, D], k [T, Hkv, D]; positions [T]."""
+        cos = self.cos_sin[0].index_select(0, positions)[:, None, :].to(q.dtype)
+        sin = self.cos_sin[1].index_select(0, positions)[:, None, :].to(q.dtype)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
+        half = self.rotary_dim // 2
+        rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+        out = rot * cos + rotated * sin
+        return torch.cat((out, rest), dim=-1) if rest.numel() else out
+
+
+class Phi3Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, rotary: RotaryEmbedding):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.rotary = rotary  # shared, not a parameter owner
+
+    def forward(self, hidden, positions, kv_cache: KVCache, meta: AttentionMetadata, backend: AttentionBackend):
+        t = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        out = backend.forward(q, k, v, kv_cache, meta, self.scale)
+        return self.o_proj(out.reshape(t, self.q_size))
+
+
+class Phi3MLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        if cfg.hidden_act != "silu":
+            raise ValueError(f"unsupported hidden_act {cfg.hidden_act!r}")
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(up * F.silu(gate))
+
+
+class Phi3DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, rotary: RotaryEmbedding):
+        super().__init__()
+        self.self_attn = Phi3Attention(cfg, rotary)
+        self.mlp = Phi3MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, hidden, positions, kv_cache, meta, backend):
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), positions, kv_cache, meta, backend)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class Phi3Decoder(nn.Module):
+    """The decoder stack + final norm. Embedding and LM head live in the VLM (they are decoupled there)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.config = cfg
+        rotary_dim = int(cfg.head_dim * cfg.partial_rotary_factor)
+        rotary = RotaryEmbedding(cfg.head_dim, rotary_dim, cfg.max_position_embeddings, cfg.rope_theta)
+        self.rotary = rotary
+        self.layers = nn.ModuleList(Phi3DecoderLayer(cfg, rotary) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,  # [T, hidden]
+        positions: torch.Tensor,  # [T] int64
+        meta: AttentionMetadata,
+        kv_caches: list[KVCache],
+        backend: AttentionBackend,
+        output_hidden_states: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        hidden = inputs_embeds
+        states = [hidden] if output_hidden_states else None
+        for layer, cache in zip(self.layers, kv_caches):
+            hidden = layer(hidden, positions, cache, meta, backend)
+            if states is not None:
+                states.append(hidden)
+        hidden = self.norm(hidden)
+        if states is not None:
+            states[-1] = hidden
+            return hidden, states
+        return hidden
