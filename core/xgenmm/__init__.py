@@ -1,0 +1,50 @@
+"""xgenmm: fast, faithful inference for Salesforce xGen-MM (BLIP-3) on a paged, continuously batching engine."""
+
+from .async_llm import AsyncLLM
+from .checkpoint import DEFAULT_MODEL_ID, load_model, resolve_model_dir
+from .errors import (
+    CheckpointError,
+    ImageCountMismatchError,
+    ImageError,
+    ImageSourceNotAllowedError,
+    ImageTooLargeError,
+    ModelNotFoundError,
+    PromptError,
+    PromptTooLongError,
+    RequestAbortedError,
+    SamplingParamsError,
+    XGenMMError,
+)
+from .llm import LLM
+from .multimodal.image_sources import ImageInputPolicy
+from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from .sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LLM",
+    "AsyncLLM",
+    "SamplingParams",
+    "StructuredOutputsParams",
+    "RequestOutputKind",
+    "RequestOutput",
+    "CompletionOutput",
+    "Logprob",
+    "RequestMetrics",
+    "ImageInputPolicy",
+    "DEFAULT_MODEL_ID",
+    "load_model",
+    "resolve_model_dir",
+    "XGenMMError",
+    "CheckpointError",
+    "ModelNotFoundError",
+    "ImageError",
+    "ImageTooLargeError",
+    "ImageSourceNotAllowedError",
+    "PromptError",
+    "ImageCountMismatchError",
+    "PromptTooLongError",
+    "SamplingParamsError",
+    "RequestAbortedError",
+]

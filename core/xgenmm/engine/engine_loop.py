@@ -1,0 +1,159 @@
+"""The background engine loop, and the process-wide registry of shared engines.
+
+One thread owns each `LLMEngine` and steps it while any request is in flight; callers on any thread (sync `LLM`,
+asyncio `AsyncLLM`, adapters, the server) submit prepared requests and receive outputs through a sink callback. So
+every in-flight request, whoever sent it, is continuously batched with the others, and nothing but the loop thread
+touches the model or the KV cache. One engine per (model, device, dtype) per process: weights load once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import weakref
+from typing import Any, Callable
+
+import torch
+
+from ..checkpoint import resolve_model_dir
+from ..errors import EngineDeadError, RequestAbortedError
+from ..outputs import RequestOutput
+from .llm_engine import LLMEngine, PreparedRequest
+
+logger = logging.getLogger("xgenmm.engine")
+
+Sink = Callable[[RequestOutput | BaseException], None]
+_request_counter = itertools.count()
+
+
+def new_request_id(prefix: str = "req") -> str:
+    return f"{prefix}-{next(_request_counter)}"
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._sinks: dict[str, Sink] = {}
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._dead: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="xgenmm-engine-loop", daemon=True)
+        self._thread.start()
+
+    # ---- called from any thread ----------------------------------------------------------------------------------
+    def prepare(self, prompt: Any, params, request_id: str | None = None, image_policy=None) -> PreparedRequest:
+        return self.engine.prepare(prompt, params, request_id or new_request_id(), image_policy)
+
+    def submit(self, prepared: PreparedRequest, sink: Sink) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine loop stopped: {self._dead!r}")
+        if self._stopped:
+            raise EngineDeadError("the engine was shut down")
+        self._commands.put(("add", prepared, sink))
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id, None))
+
+    def stats(self):
+        return self.engine.stats()
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._commands.put(("stop", None, None))
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # ---- loop thread ---------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while True:
+                block = not engine.has_unfinished_requests()
+                try:
+                    cmd = self._commands.get(block=block)
+                except queue.Empty:
+                    cmd = None
+                while cmd is not None:
+                    if not self._handle(cmd):
+                        self._fail_all(RequestAbortedError("the engine was shut down"))
+                        return
+                    try:
+                        cmd = self._commands.get_nowait()
+                    except queue.Empty:
+                        cmd = None
+                if engine.has_unfinished_requests():
+                    engine.step()
+        except BaseException as exc:  # pragma: no cover - defensive: report to every waiter
+            logger.exception("engine loop died")
+            self._dead = exc
+            self._fail_all(EngineDeadError(f"the engine loop stopped: {exc!r}"))
+
+    def _handle(self, cmd) -> bool:
+        kind, arg, sink = cmd
+        if kind == "stop":
+            return False
+        if kind == "abort":
+            self.engine.abort_request(arg)
+            return True
+        prepared: PreparedRequest = arg
+        try:
+            self.engine.add_request(prepared, sink)
+        except Exception as exc:  # this request fails alone
+            sink(exc)
+        return True
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for rid in list(self.engine._requests):
+            req = self.engine._requests.pop(rid)
+            req.sink(exc)
+        while True:
+            try:
+                kind, arg, sink = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                sink(exc)
+
+
+_engines: dict[tuple[str, str, str], EngineLoop] = {}
+_engines_lock = threading.Lock()
+
+
+def get_engine_loop(model: str, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+                    **options: Any) -> EngineLoop:
+    """The process-wide engine for (model, device, dtype), created on first use and shared by every caller."""
+    from ..checkpoint import parse_dtype
+    from ..config import XGenMMConfig
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    path = resolve_model_dir(model)
+    resolved_dtype = parse_dtype(dtype, XGenMMConfig.from_pretrained(path), dev)
+    key = (str(path.resolve()), str(dev), str(resolved_dtype))
+    with _engines_lock:
+        loop = _engines.get(key)
+        if loop is not None and loop.is_alive and not loop._stopped:
+            if options:
+                logger.info("reusing the shared engine for %s; options %s apply only when it is first created", key, options)
+            return loop
+        engine = LLMEngine(str(path), device=dev, dtype=resolved_dtype, **options)
+        engine.model_name = str(model)
+        loop = EngineLoop(engine)
+        _engines[key] = loop
+        return loop
+
+
+def shutdown_all_engines() -> None:
+    with _engines_lock:
+        loops = list(_engines.values())
+        _engines.clear()
+    for loop in loops:
+        loop.shutdown()

@@ -1,0 +1,171 @@
+"""`LLM`: the synchronous, vLLM-shaped entry point (`generate`, `chat`).
+
+It is a thin client of the process-wide engine loop: several `LLM` objects (or threads using one) share the
+same weights, KV cache and continuous batch.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Sequence
+
+from .checkpoint import DEFAULT_MODEL_ID
+from .engine.engine_loop import EngineLoop, get_engine_loop, new_request_id
+from .errors import SamplingParamsError
+from .multimodal.image_sources import ImageInputPolicy
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+
+class _Collector:
+    """Gathers the final output of each submitted request (any thread delivers, the caller waits)."""
+
+    def __init__(self, count: int, progress=None):
+        self.results: list[RequestOutput | BaseException | None] = [None] * count
+        self._remaining = count
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._progress = progress
+        if count == 0:
+            self._done.set()
+
+    def sink_for(self, index: int):
+        def sink(out):
+            if isinstance(out, RequestOutput) and not out.finished:
+                return
+            with self._lock:
+                self.results[index] = out
+                self._remaining -= 1
+                if self._progress is not None and isinstance(out, RequestOutput):
+                    self._progress.update(1)
+                    self._progress.set_postfix(gen_tokens=sum(len(o.token_ids) for o in out.outputs), refresh=False)
+                if self._remaining == 0:
+                    self._done.set()
+
+        return sink
+
+    def wait(self) -> None:
+        self._done.wait()
+
+
+def _as_list(prompts) -> tuple[list, bool]:
+    if isinstance(prompts, (str, dict)):
+        return [prompts], True
+    return list(prompts), False
+
+
+class LLM:
+    def __init__(self, model: str = DEFAULT_MODEL_ID, device: str | None = None, dtype: str | None = None,
+                 **engine_options: Any):
+        self.model = model
+        self._loop: EngineLoop = get_engine_loop(model, device, dtype, **engine_options)
+
+    @property
+    def engine(self):
+        return self._loop.engine
+
+    def get_tokenizer(self):
+        return self._loop.engine.tokenizer
+
+    def stats(self):
+        return self._loop.stats()
+
+    def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False, image_policy: ImageInputPolicy | None = None) -> list[RequestOutput]:
+        """Run every prompt through the shared engine (batched together) and return their final outputs in order.
+
+        Every prompt is validated first (a bad one raises before anything runs); an error raised later for one
+        request (e.g. it can never fit the KV cache) is re-raised after the others have finished.
+        """
+        items, _ = _as_list(prompts)
+        params = self._params_list(sampling_params, len(items))
+        prepared = [self._loop.prepare(p, sp, new_request_id("gen"), image_policy) for p, sp in zip(items, params)]
+        return self._run(prepared, use_tqdm)
+
+    def chat(self, messages, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = False, tools: list[dict] | None = None, add_generation_prompt: bool = True,
+             image_policy: ImageInputPolicy | None = None) -> list[RequestOutput]:
+        """OpenAI-style messages (one conversation, or a list of conversations) -> outputs."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        renderer = self._loop.engine.chat_renderer
+        prompts = []
+        for conv in conversations:
+            rendered = renderer.render(conv, add_generation_prompt=add_generation_prompt,
+                                       image_policy=image_policy or self._loop.engine.config.image_policy, tools=tools)
+            prompts.append({"prompt": rendered.text, "prompt_token_ids": rendered.prompt_token_ids,
+                            "multi_modal_data": {"image": rendered.images}})
+        return self.generate(prompts, sampling_params, use_tqdm, image_policy)
+
+    def stream(self, prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None,
+               image_policy: ImageInputPolicy | None = None):
+        """Synchronous streaming: yields a `RequestOutput` per engine step that changed this request.
+
+        Use `SamplingParams(output_kind=RequestOutputKind.DELTA)` to receive only the new text / tokens each time.
+        Closing the iterator early aborts the request (its KV blocks are freed).
+        """
+        prepared = self._loop.prepare(prompt, sampling_params, request_id or new_request_id("stream"), image_policy)
+        return self._stream(prepared)
+
+    def chat_stream(self, messages: list[dict], sampling_params: SamplingParams | None = None,
+                    request_id: str | None = None, tools: list[dict] | None = None, add_generation_prompt: bool = True,
+                    image_policy: ImageInputPolicy | None = None):
+        """`stream` for one OpenAI-style conversation."""
+        policy = image_policy or self._loop.engine.config.image_policy
+        rendered = self._loop.engine.chat_renderer.render(messages, add_generation_prompt=add_generation_prompt,
+                                                          image_policy=policy, tools=tools)
+        prompt = {"prompt": rendered.text, "prompt_token_ids": rendered.prompt_token_ids,
+                  "multi_modal_data": {"image": rendered.images}}
+        return self.stream(prompt, sampling_params, request_id, policy)
+
+    def _stream(self, prepared):
+        import queue as _queue
+
+        outputs: _queue.SimpleQueue = _queue.SimpleQueue()
+        self._loop.submit(prepared, outputs.put)
+        finished = False
+        try:
+            while True:
+                out = outputs.get()
+                if isinstance(out, BaseException):
+                    finished = True
+                    raise out
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._loop.abort(prepared.request_id)
+
+    def _params_list(self, sampling_params, count: int) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams()] * count
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * count
+        params = list(sampling_params)
+        if len(params) != count:
+            raise SamplingParamsError(f"got {len(params)} SamplingParams for {count} prompts")
+        return params
+
+    def _run(self, prepared, use_tqdm: bool) -> list[RequestOutput]:
+        progress = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=len(prepared), desc="xgenmm generate", unit="req")
+        collector = _Collector(len(prepared), progress)
+        try:
+            for i, p in enumerate(prepared):
+                self._loop.submit(p, collector.sink_for(i))
+            collector.wait()
+        except BaseException:
+            for p in prepared:
+                self._loop.abort(p.request_id)
+            raise
+        finally:
+            if progress is not None:
+                progress.close()
+        for r in collector.results:
+            if isinstance(r, BaseException):
+                raise r
+        return collector.results  # type: ignore[return-value]
