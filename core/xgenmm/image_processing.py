@@ -132,7 +132,7 @@ def check_image_pixels(size_wh: Sequence[int], max_pixels: int | None, *, what: 
         raise ImageError(f"{what}: image has an empty size {width}x{height}")
     if max_pixels is not None and width * height > max_pixels:
         raise ImageTooLargeError(
-            f"{what}: image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} pixels"
+            f"{what}: {width}x{height} = {width * height} pixels is over the limit of {max_pixels} pixels"
         )
 
 

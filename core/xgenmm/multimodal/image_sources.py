@@ -197,7 +197,7 @@ def _decode_image_bytes(
     except Image.DecompressionBombError as exc:
         size = _peek_size(data)
         shown = f"{size[0]}x{size[1]} = {size[0] * size[1]} pixels" if size else str(exc)
-        raise ImageTooLargeError(f"{what}: image is {shown}, over the limit of {policy.max_image_pixels} pixels") from exc
+        raise ImageTooLargeError(f"{what}: {shown} is over the limit of {policy.max_image_pixels} pixels") from exc
     except UnidentifiedImageError as exc:
         hint = f" (server sent content-type {content_type!r})" if content_type else ""
         raise ImageError(
@@ -283,8 +283,9 @@ def _maybe_base64_image(text: str, max_bytes: int | None, what: str) -> bytes | 
         return None
     if len(compact) > 4096:
         return _b64decode(compact, max_bytes, what)
+    prefix = compact[:64].replace("-", "+").replace("_", "/").rstrip("=")
     try:
-        head = base64.b64decode(compact[:64] + "=" * (-len(compact[:64]) % 4))
+        head = base64.b64decode(prefix + "=" * (-len(prefix) % 4))
     except (binascii.Error, ValueError):
         return None
     if head.startswith(_IMAGE_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
@@ -496,13 +497,24 @@ def _same_address(a: str, b: str) -> bool:
     return ip_a == ip_b
 
 
+_TLS_CONTEXT: ssl.SSLContext | None = None
+
+
+def _tls_context() -> ssl.SSLContext:
+    """One verifying client context (loading the CA store per request is slow)."""
+    global _TLS_CONTEXT
+    if _TLS_CONTEXT is None:
+        _TLS_CONTEXT = ssl.create_default_context()
+    return _TLS_CONTEXT
+
+
 def _open_connection(target: _VettedTarget, timeout_s: float, what: str) -> http.client.HTTPConnection:
     """Connect to one of the vetted addresses (never re-resolving the name); TLS still verifies ``target.host``."""
     last_error: OSError | None = None
     for address in target.addresses:
         if target.scheme == "https":
             conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                target.host, target.port, timeout=timeout_s, context=ssl.create_default_context()
+                target.host, target.port, timeout=timeout_s, context=_tls_context()
             )
         else:
             conn = http.client.HTTPConnection(target.host, target.port, timeout=timeout_s)
