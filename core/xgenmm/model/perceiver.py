@@ -8,6 +8,7 @@ sample; padding tokens of the any-resolution canvas are masked out of the keys.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import PerceiverConfig
@@ -33,16 +34,15 @@ class PerceiverAttention(nn.Module):
         q = self.to_q(latents)
         k, v = self.to_kv(torch.cat((media, latents), dim=1)).chunk(2, dim=-1)
         # "(h d)" with h outer: head i owns features [i*dh, (i+1)*dh).
-        q = q.view(p, n_lat, self.heads, -1).transpose(1, 2) * self.scale
+        q = q.view(p, n_lat, self.heads, -1).transpose(1, 2)
         k = k.view(p, k.shape[1], self.heads, -1).transpose(1, 2)
         v = v.view(p, v.shape[1], self.heads, -1).transpose(1, 2)
-        sim = q @ k.transpose(-1, -2)  # [P, h, L, N+L]
-        if key_mask is not None:
-            full = torch.cat((key_mask, key_mask.new_ones(p, n_lat)), dim=1)
-            sim = sim.masked_fill(~full[:, None, None, :], float("-inf"))
-        sim = sim - sim.amax(dim=-1, keepdim=True)
-        attn = sim.softmax(dim=-1)
-        out = (attn @ v).transpose(1, 2).reshape(p, n_lat, -1)
+        mask = None
+        if key_mask is not None:  # masked keys get -inf; the latent keys are never masked
+            mask = torch.cat((key_mask, key_mask.new_ones(p, n_lat)), dim=1)[:, None, None, :]
+        # Same math as upstream's explicit softmax(q*scale @ k^T - max) @ v, as one fused kernel.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        out = out.transpose(1, 2).reshape(p, n_lat, -1)
         return self.to_out(out)
 
 
