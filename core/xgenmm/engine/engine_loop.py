@@ -8,6 +8,7 @@ touches the model or the KV cache. One engine per (model, device, dtype) per pro
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import queue
@@ -157,3 +158,7 @@ def shutdown_all_engines() -> None:
         _engines.clear()
     for loop in loops:
         loop.shutdown()
+
+
+# Stop the loop threads before the interpreter tears down torch (avoids aborts from a thread mid-step at exit).
+atexit.register(shutdown_all_engines)
