@@ -38,7 +38,7 @@ class TorchReferenceBackend:
         qsl = meta.query_start_loc_cpu or meta.query_start_loc.tolist()
         seq_lens = meta.seq_lens_cpu or meta.seq_lens.tolist()
         ctx_lens = meta.context_lens_cpu or meta.context_lens.tolist()
-        if meta.max_query_len == 1 and meta.sliding_window is None:
+        if meta.max_query_len == 1 and meta.sliding_window is None and qsl[-1] == len(seq_lens):  # no empty rows
             return self._decode(q, k_cache, v_cache, meta, seq_lens, scale, group)
         out = torch.empty_like(q)
         for b in range(len(seq_lens)):
