@@ -134,7 +134,7 @@ def store_kvcache(
 @triton.jit
 def _tile_to_sequence(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
     """Largest b with qsl[b] // BLOCK_Q + b <= tile (binary search; the keys are strictly increasing)."""
-    lo = 0
+    lo = num_seqs * 0  # same (tensor) type as hi: both are loop-carried
     hi = num_seqs
     while lo < hi:
         mid = (lo + hi) // 2
@@ -274,7 +274,7 @@ def _window_start(first_pos, SLIDING_WINDOW: tl.constexpr, TILE_N: tl.constexpr)
 # --------------------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])  # 1 would become a constexpr
 def _unified_attention_kernel(
     out_ptr,
     q_ptr,
@@ -337,7 +337,7 @@ def _unified_attention_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])  # 1 would become a constexpr
 def _split_kv_attention_kernel(
     part_acc_ptr,  # [T, H, NUM_SPLITS, D_PAD] fp32, unnormalised
     part_max_ptr,  # [T, H, NUM_SPLITS] fp32 (log2 domain)
