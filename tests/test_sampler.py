@@ -138,6 +138,12 @@ def test_sampler_applies_penalties_from_prompt_and_live_output_list():
     assert sampler(logits, [s]).token_ids == [2]  # 0 -> 2.0, 1 -> 1.5, 2 -> 2.5
     output.append(2)
     assert sampler(logits, [s]).token_ids == [0]  # 2.0 vs 1.5 vs 1.25
+    # HF generate(inputs_embeds=...) parity: the prompt is not penalised
+    hf = SamplingState.create(SP(temperature=0.0, repetition_penalty=2.0), [0], [], eos_token_ids=(4,),
+                              repetition_penalty_over_prompt=False)
+    assert sampler(logits, [hf]).token_ids == [0]
+    vllm = state(SP(temperature=0.0, repetition_penalty=2.0), prompt=[0], eos=(4,))
+    assert sampler(logits, [vllm]).token_ids == [1]  # 4.0 / 2 < 3.0
     # frequency: each repeat lowers the logit further
     freq_out = [0, 0, 0]
     f = state(SP(temperature=0.0, frequency_penalty=0.5), output=freq_out, eos=(4,))

@@ -116,7 +116,7 @@ class TokenCountPool:
             slot = self._free.pop()
         self.counts[slot].zero_()
         self.prompt_mask[slot].zero_()
-        prompt = [t for t in state.prompt_token_ids if 0 <= t < self.vocab_size]
+        prompt = [t for t in state.prompt_token_ids if 0 <= t < self.vocab_size] if state.repetition_penalty_over_prompt else []
         if prompt:
             self.prompt_mask[slot, torch.tensor(prompt, dtype=torch.long).to(self.device)] = True
         state._penalty_slot = slot

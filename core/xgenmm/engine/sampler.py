@@ -58,6 +58,9 @@ class SamplingState:
     generator: torch.Generator | None = None
     grammar: GrammarMatcher | None = None
     eos_token_ids: tuple[int, ...] = (END_TOKEN_ID,)
+    # vLLM / HF-with-input_ids: the repetition penalty also covers prompt tokens. HF `generate(inputs_embeds=...)`
+    # (the official xGen-MM path) has no prompt ids, so it penalises generated tokens only: set False to match it.
+    repetition_penalty_over_prompt: bool = True
     # penalty bookkeeping (owned by the sampler's TokenCountPool)
     _penalty_pool: TokenCountPool | None = field(default=None, init=False, repr=False)
     _penalty_slot: int | None = field(default=None, init=False, repr=False)
@@ -75,6 +78,7 @@ class SamplingState:
         device: torch.device | str = "cpu",
         grammar: GrammarMatcher | None = None,
         eos_token_ids: Sequence[int] = (END_TOKEN_ID,),
+        repetition_penalty_over_prompt: bool = True,
     ) -> "SamplingState":
         """A state with its generator built from `params.seed` and `sample_index` on `device` (the logits' device)."""
         return cls(
@@ -84,6 +88,7 @@ class SamplingState:
             generator=make_generator(params.seed, sample_index, device),
             grammar=grammar,
             eos_token_ids=tuple(eos_token_ids),
+            repetition_penalty_over_prompt=repetition_penalty_over_prompt,
         )
 
     def min_tokens_stop_ids(self) -> list[int]:
