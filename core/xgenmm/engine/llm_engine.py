@@ -165,6 +165,8 @@ class LLMEngine:
                               f"{self.config.max_images_per_prompt} (engine option max_images_per_prompt)")
         images = [self._process_image(img, policy, i) for i, img in enumerate(raw_images)]
         fused = fuse_prompt(token_ids, images, base_model=self.is_base_model)
+        if params.max_tokens is None:  # vLLM: None = as many tokens as the context allows
+            params = params.replace(max_tokens=max(1, self.max_model_len - len(fused.token_ids)))
         total = len(fused.token_ids) + params.max_tokens
         if len(fused.token_ids) >= self.max_model_len:
             raise PromptTooLongError(f"request {request_id!r}: the prompt is {len(fused.token_ids)} tokens (with image "
@@ -357,7 +359,9 @@ class LLMEngine:
             st.cumulative_logprob += logprobs[0][1]
             if st.logprobs is not None:
                 st.logprobs.append({tid: Logprob(lp, rank, self.tokenizer.decode([tid])) for tid, lp, rank in logprobs})
-        st.detok.update([token])
+        # a stop token's own text is left out (vLLM) and the detokenizer flushes what it held back
+        stop_token = token in (params.stop_token_ids or ()) or (token in self.eos_token_ids and not params.ignore_eos)
+        st.detok.update([token], stop_terminated=stop_token)
         reason = stop = None
         if token in (params.stop_token_ids or ()):
             reason, stop = "stop", token
@@ -372,6 +376,7 @@ class LLMEngine:
         elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = "length"
         if reason is not None:
+            st.detok.flush()  # length / grammar end: release held-back text (no-op after a stop string)
             st.stop_reason = stop
             self._finish_sample(seq, reason)
         if seq.sample_index == 0 and req.pending and seq.num_output_tokens == 1:
