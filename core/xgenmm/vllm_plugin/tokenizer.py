@@ -13,6 +13,7 @@ from pathlib import Path
 
 from vllm.tokenizers.hf import CachedHfTokenizer, get_cached_tokenizer
 
+from ..special_tokens import END_TOKEN
 from .hf_config import MODEL_TYPE
 
 # The Phi-3 chat template of the official tokenizer_config.json, used only when a checkpoint has none. vLLM puts the
@@ -21,7 +22,7 @@ PHI3_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
     "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
     "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ '<|endoftext|>' }}{% endif %}"
 )
 
 
@@ -37,10 +38,13 @@ def is_xgenmm_checkpoint(path: str | Path) -> bool:
 
 
 def load_xgenmm_tokenizer(path: str | Path, truncation_side: str | None = None):
-    """The native engine's tokenizer (32015 tokens, official ids), with a chat template, wrapped for vLLM."""
+    """The native engine's tokenizer (32015 tokens, official ids, eos `<|end|>`), with a chat template, for vLLM."""
     from ..tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(path)
+    # The chat models end a turn with <|end|>: the official demos set it as the eos token, and so do we, so vLLM
+    # stops there by default; <|endoftext|> (generation_config.json's eos) still stops it too.
+    tokenizer.eos_token = END_TOKEN
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = PHI3_CHAT_TEMPLATE
     if truncation_side is not None:

@@ -1,0 +1,121 @@
+"""vLLM `RequestOutput`s -> ours, per request, with the native engine's output kinds and metrics.
+
+vLLM is always asked for cumulative outputs; `RequestTracker` keeps each sample's latest state and emits what the
+native engine would: everything so far (CUMULATIVE), only what is new since the last emission (DELTA), or one final
+output (FINAL_ONLY). An abort ends every unfinished sample with finish_reason "abort", like the native engine.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from ..outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from ..sampling_params import RequestOutputKind, SamplingParams
+from .vllm_params import native_stop_reason
+
+
+@dataclass
+class _Sample:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    cumulative_logprob: float | None = None
+    logprobs: list[dict[int, Logprob]] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    sent_tokens: int = 0
+    sent_text: int = 0
+
+
+def _convert_logprobs(vllm_logprobs) -> list[dict[int, Logprob]] | None:
+    if vllm_logprobs is None:
+        return None
+    return [
+        {int(tid): Logprob(float(lp.logprob), lp.rank, lp.decoded_token) for tid, lp in position.items()}
+        for position in vllm_logprobs
+    ]
+
+
+class RequestTracker:
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
+                 fused_length: int, arrival_time: float | None = None):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.params = params
+        self.samples = {i: _Sample(i) for i in range(params.n)}
+        self.metrics = RequestMetrics(arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
+                                      num_prompt_tokens=fused_length)
+        self.num_cached_tokens = 0
+        self.finished = False
+
+    def update(self, vout) -> RequestOutput | None:
+        """Fold one vLLM output in; return what to deliver now (None: nothing, e.g. FINAL_ONLY not yet done)."""
+        now = time.monotonic()
+        if self.metrics.first_scheduled_time is None:
+            self.metrics.first_scheduled_time = now
+        for comp in vout.outputs:
+            sample = self.samples.setdefault(comp.index, _Sample(comp.index))
+            sample.text = comp.text
+            sample.token_ids = list(comp.token_ids)
+            sample.cumulative_logprob = comp.cumulative_logprob
+            if comp.logprobs is not None:  # convert only the positions not seen yet
+                known = sample.logprobs or []
+                sample.logprobs = known + _convert_logprobs(comp.logprobs[len(known) :])
+            sample.finish_reason = comp.finish_reason
+            sample.stop_reason = native_stop_reason(comp.stop_reason, self.params) if comp.finish_reason else None
+        generated = sum(len(s.token_ids) for s in self.samples.values())
+        if generated and self.metrics.first_token_time is None:
+            self.metrics.first_token_time = now
+        self.metrics.num_generated_tokens = generated
+        self.num_cached_tokens = int(getattr(vout, "num_cached_tokens", 0) or 0)
+        self.metrics.num_cached_tokens = self.num_cached_tokens
+        if vout.prompt_token_ids is not None:
+            self.metrics.num_prompt_tokens = len(vout.prompt_token_ids)
+        self.finished = bool(vout.finished)
+        return self._emit()
+
+    def abort(self) -> RequestOutput | None:
+        """The final output of an aborted request (every unfinished sample ends with "abort")."""
+        if self.finished:
+            return None
+        for sample in self.samples.values():
+            if sample.finish_reason is None:
+                sample.finish_reason = "abort"
+        self.finished = True
+        return self._emit(force=True)
+
+    def _emit(self, force: bool = False) -> RequestOutput | None:
+        kind = self.params.output_kind
+        if self.finished and self.metrics.finished_time is None:
+            self.metrics.finished_time = time.monotonic()
+        if kind is RequestOutputKind.FINAL_ONLY and not self.finished:
+            return None
+        outputs = []
+        for sample in sorted(self.samples.values(), key=lambda s: s.index):
+            if kind is RequestOutputKind.DELTA:
+                tokens = sample.token_ids[sample.sent_tokens :]
+                text = sample.text[sample.sent_text :]
+                logprobs = None if sample.logprobs is None else sample.logprobs[sample.sent_tokens :]
+            else:
+                tokens, text, logprobs = list(sample.token_ids), sample.text, sample.logprobs
+            sample.sent_tokens, sample.sent_text = len(sample.token_ids), len(sample.text)
+            outputs.append(CompletionOutput(
+                index=sample.index,
+                text=text,
+                token_ids=tokens,
+                cumulative_logprob=sample.cumulative_logprob,
+                logprobs=logprobs,
+                finish_reason=sample.finish_reason,
+                stop_reason=sample.stop_reason,
+            ))
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=list(self.prompt_token_ids),
+            outputs=outputs,
+            finished=self.finished,
+            metrics=self.metrics,
+            num_cached_tokens=self.num_cached_tokens,
+        )
