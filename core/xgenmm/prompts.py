@@ -70,9 +70,11 @@ class ToolRenderer(Protocol):
 
     * `render_system_suffix(tools)`: text appended to the system message (include any leading separator).
     * `render_assistant_tool_calls(tool_calls)`: text appended to the assistant turn's content for its OpenAI
-      `tool_calls` (include any leading separator).
+      `tool_calls` (a "\\n" is put between non-blank content and it).
     * `render_tool_result(message)`: the complete text of the turn for a `role: "tool"` message, role tags included
       (e.g. `<|user|>\\n...<|end|>\\n`), since Phi-3 has no tool role of its own.
+    * optional `tool_result_envelope(message) -> (opening, closing)`: when present, the renderer renders the tool
+      message's content itself (text and image parts) between the two, so tool results can carry images.
     """
 
     def render_system_suffix(self, tools: Sequence[Mapping[str, Any]]) -> str: ...
@@ -182,7 +184,7 @@ class ChatRenderer:
             elif role == "tool":
                 if renderer is None:
                     raise PromptError(f"message {i}: role 'tool' needs a tool_renderer (see xgenmm.tools)")
-                turns.append(self._checked_text(renderer.render_tool_result(message), f"message {i} (tool result)"))
+                turns.append(self._tool_turn(message, i, policy, images, renderer))
             else:
                 raise PromptError(
                     f"message {i}: unknown role {role!r}; expected 'system', 'developer', 'user', 'assistant' or 'tool'"
@@ -238,12 +240,32 @@ class ChatRenderer:
         if tool_calls:
             if renderer is None:
                 raise PromptError(f"message {index}: assistant tool_calls need a tool_renderer (see xgenmm.tools)")
-            body += self._checked_text(renderer.render_assistant_tool_calls(list(tool_calls)), f"message {index} (tool calls)")
+            calls = self._checked_text(renderer.render_assistant_tool_calls(list(tool_calls)), f"message {index} (tool calls)")
+            # Text before the calls gets a line break unless it ends with one; calls alone start the turn.
+            sep = "\n" if body and not body[-1].isspace() and calls and not calls[0].isspace() else ""
+            body += sep + calls
         elif content is None:
             raise PromptError(f"message {index}: assistant message has neither content nor tool_calls")
         if open_turn:
             return f"{ASSISTANT_TOKEN}\n{body}"
         return f"{ASSISTANT_TOKEN}\n{body}{END_TOKEN}\n"
+
+    def _tool_turn(
+        self,
+        message: Mapping[str, Any],
+        index: int,
+        policy: ImageInputPolicy,
+        images: list[Image.Image],
+        renderer: ToolRenderer,
+    ) -> str:
+        envelope = getattr(renderer, "tool_result_envelope", None)
+        if envelope is None:
+            return self._checked_text(renderer.render_tool_result(message), f"message {index} (tool result)")
+        # The renderer wraps, we render the content: tool results may hold images (e.g. a screenshot tool).
+        head, tail = envelope(message)
+        where = f"message {index} (tool result)"
+        body = "" if message.get("content") is None else self._content(message, index, policy, images)
+        return self._checked_text(head, where) + body + self._checked_text(tail, where)
 
     # ---- content -------------------------------------------------------------------------------------------------
     def _content(

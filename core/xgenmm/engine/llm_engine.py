@@ -181,8 +181,9 @@ class LLMEngine:
     def chat_renderer(self):
         if self._chat_renderer is None:
             from ..prompts import ChatRenderer
+            from ..tools import HermesToolRenderer
 
-            self._chat_renderer = ChatRenderer(self.tokenizer)
+            self._chat_renderer = ChatRenderer(self.tokenizer, tool_renderer=HermesToolRenderer())
         return self._chat_renderer
 
     @property
