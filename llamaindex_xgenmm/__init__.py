@@ -4,5 +4,6 @@
 
 from .base import DEFAULT_CONTEXT_WINDOW, XGenMM
 from .messages import to_image_block
+from .reader import READER_PROMPTS, XGenMMImageReader
 
-__all__ = ["XGenMM", "DEFAULT_CONTEXT_WINDOW", "to_image_block"]
+__all__ = ["XGenMM", "XGenMMImageReader", "READER_PROMPTS", "DEFAULT_CONTEXT_WINDOW", "to_image_block"]
