@@ -77,6 +77,7 @@ class BlockManager:
         self._hash_fn = hash_block
         self.prefix_cache_queries = 0  # tokens looked up at admission
         self.prefix_cache_hits = 0  # of which served by the cache
+        self.num_evictions = 0  # cached blocks reused for other content
 
     # ---- sizes and stats -----------------------------------------------------------------------------------------
     @property
@@ -177,6 +178,7 @@ class BlockManager:
             block = self.blocks[block_id]
             assert block.block_hash is not None
             del self._hash_to_block[block.block_hash]
+            self.num_evictions += 1
             block.block_hash = None
             block.key = None
         self.blocks[block_id].ref_count = 1

@@ -54,13 +54,13 @@ class Sequence:
         *,
         image_spans: Iterable[ImageSpan] = (),
         sample_index: int = 0,
-        max_tokens: int = 16,
+        max_tokens: int | None = 16,
         arrival_time: float | None = None,
     ) -> None:
         token_ids = list(prompt_token_ids)
         if not token_ids:
             raise PromptError(f"request {request_id!r}: the prompt has no tokens")
-        if max_tokens < 1:
+        if max_tokens is not None and max_tokens < 1:
             raise PromptError(f"request {request_id!r}: max_tokens must be >= 1, got {max_tokens}")
         spans = tuple(sorted(image_spans, key=lambda s: s.start))
         previous_end = 0
@@ -78,7 +78,7 @@ class Sequence:
         self.token_ids: list[int] = token_ids
         self.num_prompt_tokens: int = len(token_ids)
         self.image_spans: tuple[ImageSpan, ...] = spans
-        self.max_tokens = max_tokens
+        self.max_tokens = max_tokens  # None = up to max_model_len (Scheduler.add resolves it to an int)
         self.arrival_time: float = time.monotonic() if arrival_time is None else arrival_time
 
         self.status = SequenceStatus.WAITING
