@@ -41,13 +41,13 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 
+from xgenmm.backends import Engine, get_engine
 from xgenmm.checkpoint import DEFAULT_MODEL_ID
 from xgenmm.errors import SamplingParamsError
 from xgenmm.multimodal.image_sources import DEFAULT_MAX_IMAGE_BYTES, ImageInputPolicy
 from xgenmm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 from xgenmm.tools import tool_call_structured_outputs
 
-from .engine_handle import EngineHandle, open_engine
 from .messages import to_core_messages, to_image_block
 from .responses import chunk_chat_response, final_chat_response
 
@@ -92,7 +92,8 @@ class XGenMM(FunctionCallingLLM):
     device: Optional[str] = Field(default=None, description="'cuda', 'cpu', 'cuda:1'...; None picks CUDA if present.")
     dtype: Optional[str] = Field(default=None, description="'bfloat16', 'float16', 'float32'; None = model default.")
     backend: Literal["native", "vllm"] = Field(
-        default="native", description="'native' = the xgenmm engine; 'vllm' = through xgenmm.backends."
+        default="native", description="'native' = the xgenmm engine; 'vllm' = vLLM with the xgenmm plugin "
+        "(xgenmm.backends.get_engine)."
     )
     temperature: float = Field(default=0.0, ge=0.0, description="Sampling temperature; 0 = greedy (official demos).")
     max_tokens: int = Field(default=DEFAULT_NUM_OUTPUTS, gt=0, description="Most tokens generated per call.")
@@ -121,7 +122,7 @@ class XGenMM(FunctionCallingLLM):
         "callable (messages) -> StructuredOutputsParams | None choosing one per call (see llamaindex_xgenmm.react).",
     )
 
-    _engine: Optional[EngineHandle] = PrivateAttr(default=None)
+    _engine: Optional[Engine] = PrivateAttr(default=None)
     _engine_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
     @classmethod
@@ -140,13 +141,15 @@ class XGenMM(FunctionCallingLLM):
 
     # ---- engine ----------------------------------------------------------------------------------------------------
     @property
-    def engine(self) -> EngineHandle:
-        """The shared engine, loaded on first use (not at construction, so building an `XGenMM` is free)."""
+    def engine(self) -> Engine:
+        """The engine, opened on first use (building an `XGenMM` is free). It is the process-wide one for
+        (model, device, dtype): every `XGenMM`, reader or other front end on the same weights shares weights, KV cache
+        and continuous batch. `.sync` is `xgenmm.LLM`-shaped, `.aio` `xgenmm.AsyncLLM`-shaped."""
         if self._engine is None:
             with self._engine_lock:
                 if self._engine is None:
-                    self._engine = open_engine(self.backend, self.model, self.device, self.dtype,
-                                               dict(self.engine_options))
+                    self._engine = get_engine(self.backend, model=self.model, device=self.device, dtype=self.dtype,
+                                              **self.engine_options)
         return self._engine
 
     @property
@@ -175,7 +178,8 @@ class XGenMM(FunctionCallingLLM):
         policy = kwargs.pop("image_policy", None) or self.image_policy
         params = self._sampling_params(messages, kwargs, output_kind, has_tools=bool(tools))
         if tools:
-            grammar = tool_call_structured_outputs(tools, tool_choice or "auto", parallel_tool_calls=parallel)
+            grammar = tool_call_structured_outputs(tools, tool_choice or "auto", parallel_tool_calls=parallel,
+                                                   max_tokens=params.max_tokens)
             if grammar is not None:
                 if params.structured_outputs is not None:
                     raise SamplingParamsError(

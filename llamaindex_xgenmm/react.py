@@ -18,6 +18,7 @@ from typing import Any, Optional
 from llama_index.core.base.llms.types import ChatMessage, MessageRole
 
 from xgenmm.sampling_params import StructuredOutputsParams
+from xgenmm.schema_budget import BOUNDED_JSON_OPTIONS, bound_json_schema
 from xgenmm.tools import normalize_tools, strict_schema
 
 __all__ = ["react_grammar", "ReActConstraint", "observations_since_user"]
@@ -35,12 +36,14 @@ def _tool_dicts(tools: Sequence[Any]) -> list[dict[str, Any]]:
 
 
 def react_grammar(tools: Sequence[Any], *, allow_action: bool = True, allow_answer: bool = True,
-                  max_thought_chars: int = 300, max_answer_chars: int = 2000) -> str:
+                  max_thought_chars: int = 300, max_answer_chars: int = 2000,
+                  max_argument_tokens: Optional[int] = None) -> str:
     """A Lark grammar (llguidance) for one ReAct step.
 
     Thoughts are one line without ':' (so they cannot be mistaken for an "Action:" / "Answer:" keyword); tool names
     must contain no spaces or parentheses (ReActOutputParser's rule); arguments are compact JSON matching the tool's
-    schema, with `additionalProperties: false` where the schema leaves it open.
+    schema, with `additionalProperties: false` where the schema leaves it open. With `max_argument_tokens` the
+    argument schema is bounded (`xgenmm.schema_budget`) so the arguments always fit that many tokens.
     """
     if not (allow_action or allow_answer):
         raise ValueError("a ReAct step must allow an action, an answer or both")
@@ -57,7 +60,10 @@ def react_grammar(tools: Sequence[Any], *, allow_action: bool = True, allow_answ
                 raise ValueError(f"tool name {name!r} cannot be used with ReAct (spaces or parentheses)")
             schema = strict_schema(tool["function"]["parameters"])
             schema.setdefault("type", "object")
-            schema["x-guidance"] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+            if max_argument_tokens is not None:
+                schema = bound_json_schema(schema, max_argument_tokens).schema
+            else:
+                schema["x-guidance"] = dict(BOUNDED_JSON_OPTIONS)
             rules.append(f"call_{i}: {json.dumps(name + chr(10) + 'Action Input: ')} args_{i}")
             rules.append(f"args_{i}: %json {json.dumps(schema, ensure_ascii=False)}")
             calls.append(f"call_{i}")
@@ -97,14 +103,16 @@ class ReActConstraint:
     """
 
     def __init__(self, tools: Sequence[Any], *, min_tool_calls: int = 0, max_tool_calls: Optional[int] = None,
-                 always: bool = False, max_thought_chars: int = 300, max_answer_chars: int = 2000) -> None:
+                 always: bool = False, max_thought_chars: int = 300, max_answer_chars: int = 2000,
+                 max_argument_tokens: Optional[int] = None) -> None:
         if max_tool_calls is not None and max_tool_calls < min_tool_calls:
             raise ValueError(f"max_tool_calls ({max_tool_calls}) < min_tool_calls ({min_tool_calls})")
         self.tools = list(tools)
         self.min_tool_calls = min_tool_calls
         self.max_tool_calls = max_tool_calls
         self.always = always
-        self._limits = {"max_thought_chars": max_thought_chars, "max_answer_chars": max_answer_chars}
+        self._limits = {"max_thought_chars": max_thought_chars, "max_answer_chars": max_answer_chars,
+                        "max_argument_tokens": max_argument_tokens}
 
     def __call__(self, messages: Sequence[ChatMessage]) -> Optional[StructuredOutputsParams]:
         if not self.always and not _looks_like_react(messages):
