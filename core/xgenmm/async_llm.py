@@ -23,6 +23,13 @@ class AsyncLLM:
         self.model = model
         self._loop: EngineLoop = get_engine_loop(model, device, dtype, **engine_options)
 
+    @classmethod
+    def from_engine_loop(cls, loop: EngineLoop) -> "AsyncLLM":
+        obj = cls.__new__(cls)
+        obj.model = loop.engine.model_name
+        obj._loop = loop
+        return obj
+
     @property
     def engine(self):
         return self._loop.engine

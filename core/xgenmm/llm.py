@@ -60,6 +60,14 @@ class LLM:
         self.model = model
         self._loop: EngineLoop = get_engine_loop(model, device, dtype, **engine_options)
 
+    @classmethod
+    def from_engine_loop(cls, loop: EngineLoop) -> "LLM":
+        """Wrap an explicitly created (non-shared) engine loop, e.g. one with a deliberately small KV cache."""
+        obj = cls.__new__(cls)
+        obj.model = loop.engine.model_name
+        obj._loop = loop
+        return obj
+
     @property
     def engine(self):
         return self._loop.engine

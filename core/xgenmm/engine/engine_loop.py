@@ -152,10 +152,24 @@ def get_engine_loop(model: str, device: str | torch.device | None = None, dtype:
         return loop
 
 
+def create_engine_loop(model: str, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+                       **options: Any) -> EngineLoop:
+    """A private engine (not shared through the registry): for tests and benchmarks that need specific options."""
+    loop = EngineLoop(LLMEngine(str(resolve_model_dir(model)), device=device, dtype=dtype, **options))
+    loop.engine.model_name = str(model)
+    with _engines_lock:
+        _private.append(weakref.ref(loop))
+    return loop
+
+
+_private: list = []
+
+
 def shutdown_all_engines() -> None:
     with _engines_lock:
-        loops = list(_engines.values())
+        loops = list(_engines.values()) + [r() for r in _private if r() is not None]
         _engines.clear()
+        _private.clear()
     for loop in loops:
         loop.shutdown()
 
