@@ -1,0 +1,67 @@
+"""`xgenmm bench [--model ...] [benchmark options]`: run the repository's throughput benchmark
+(`benchmarks/throughput.py`). Options this command does not know are passed on to the benchmark unchanged."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import runpy
+import sys
+from pathlib import Path
+
+from .common import CLIError
+
+BENCHMARK_RELATIVE_PATH = Path("benchmarks") / "throughput.py"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("bench", help="run the throughput benchmark (extra options go to the benchmark)",
+                              description=__doc__)
+    p.add_argument("--model", "-m", default=None, help="model id or folder (default: the benchmark's)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--script", default=None, help=f"benchmark script (default: the repo's {BENCHMARK_RELATIVE_PATH})")
+    p.set_defaults(run=run, passthrough=True)
+    return p
+
+
+def find_benchmark(script: str | None = None) -> Path:
+    candidates = [Path(script)] if script else [
+        Path(__file__).resolve().parents[3] / BENCHMARK_RELATIVE_PATH,  # source checkout: core/xgenmm/cli/ -> root
+        Path.cwd() / BENCHMARK_RELATIVE_PATH,
+    ]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise CLIError(f"the throughput benchmark is not here (looked for {', '.join(map(str, candidates))}); it ships "
+                   "with the source repository: run from a checkout, or pass --script PATH")
+
+
+def benchmark_argv(args: argparse.Namespace, extra: list[str]) -> list[str]:
+    argv = []
+    for name in ("model", "device", "dtype"):
+        value = getattr(args, name)
+        if value is not None:
+            argv += [f"--{name}", value]
+    return argv + list(extra)
+
+
+def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
+    path = find_benchmark(args.script)
+    argv = benchmark_argv(args, extra or [])
+    namespace = runpy.run_path(str(path), run_name="xgenmm_bench")  # defines main() without running it
+    main = namespace.get("main")
+    if callable(main) and inspect.signature(main).parameters:
+        result = main(argv)
+        return int(result or 0)
+    saved = sys.argv
+    sys.argv = [str(path), *argv]
+    try:
+        if callable(main):
+            return int(main() or 0)
+        runpy.run_path(str(path), run_name="__main__")
+        return 0
+    except SystemExit as exc:
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 1
+    finally:
+        sys.argv = saved

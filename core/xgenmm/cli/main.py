@@ -1,0 +1,53 @@
+"""`xgenmm`: the command line (`chat`, `caption`, `serve`, `download`, `bench`, `make-random-checkpoint`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ..errors import XGenMMError
+from . import bench, caption, chat, download, make_random_checkpoint, serve
+from .common import CLIError
+
+COMMANDS = (chat, caption, serve, download, bench, make_random_checkpoint)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="xgenmm", description="Fast, faithful inference for Salesforce xGen-MM (BLIP-3) v1.5.",
+        epilog="Example:  xgenmm chat --image examples/images/shapes.png \"What is in this image?\"")
+    parser.add_argument("--version", action="version", version=f"xgenmm {__version__}")
+    parser.add_argument("--verbose", "-v", action="store_true", help="log engine messages to stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in COMMANDS:
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    if extra and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    try:
+        if getattr(args, "passthrough", False):
+            return args.run(args, extra)
+        return args.run(args)
+    except (CLIError, XGenMMError) as exc:
+        print(f"xgenmm {args.command}: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,234 @@
+"""`/v1/chat/completions` request bodies -> a validated `ChatCompletionRequest` (OpenAI names, vLLM extras).
+
+Validation here names the offending field in the OpenAI error's `param`, so a client sees exactly what to fix. Value
+ranges are checked once more by `SamplingParams`, whose errors are mapped back to the OpenAI field names.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import SamplingParamsError
+from ..sampling_params import MAX_LOGPROBS, RequestOutputKind, SamplingParams, StructuredOutputsParams
+from .errors import OpenAIError
+
+# Fields a client may send that change nothing here (OpenAI bookkeeping) or that we honour implicitly.
+IGNORED_FIELDS = frozenset({
+    "user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key", "safety_identifier",
+    "verbosity", "function_call", "functions",
+})
+# vLLM-style sampling extras (sent with `extra_body` by the openai client).
+EXTRA_SAMPLING_FIELDS = ("top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
+                         "skip_special_tokens", "include_stop_str_in_output")
+KNOWN_FIELDS = frozenset({
+    "model", "messages", "stream", "stream_options", "temperature", "top_p", "n", "stop", "max_tokens",
+    "max_completion_tokens", "seed", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs",
+    "tools", "tool_choice", "response_format", "logit_bias", "modalities",
+    *EXTRA_SAMPLING_FIELDS,
+}) | IGNORED_FIELDS
+
+# SamplingParams names -> the request field a client sets.
+_OPENAI_PARAM_NAMES = {"logprobs": "top_logprobs", "structured_outputs": "response_format"}
+
+
+@dataclass
+class ChatCompletionRequest:
+    model: str
+    messages: list[dict]
+    sampling: SamplingParams
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None  # "none" | "auto" | "required" | {"type": "function", "function": {...}}
+    response_format: dict | None = None
+    num_images: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def wants_tool_calls(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
+
+
+def _bad(message: str, param: str | None, code: str | None = None) -> OpenAIError:
+    return OpenAIError(message, 400, param=param, code=code)
+
+
+def _expect(body: dict, name: str, types: tuple[type, ...], what: str) -> Any:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) and bool not in types:
+        raise _bad(f"'{name}' must be {what}, got a boolean", name)
+    if not isinstance(value, types):
+        raise _bad(f"'{name}' must be {what}, got {type(value).__name__}", name)
+    return value
+
+
+def parse_json_body(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _bad(f"the request body is not valid JSON: {exc}", None, "invalid_json") from None
+    if not isinstance(body, dict):
+        raise _bad(f"the request body must be a JSON object, got {type(body).__name__}", None, "invalid_json")
+    return body
+
+
+def count_image_parts(messages: list) -> int:
+    count = 0
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            count += sum(1 for part in content if isinstance(part, dict) and part.get("type") in ("image_url", "image"))
+    return count
+
+
+def _check_messages(messages: Any) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise _bad("'messages' must be a non-empty array of message objects", "messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise _bad(f"messages[{i}] must be an object", f"messages[{i}]")
+        content = message.get("content")
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind not in ("text", "image_url"):
+                    raise _bad(f"messages[{i}].content[{j}]: unsupported content part type {kind!r}; this model takes "
+                               "'text' and 'image_url' parts", f"messages[{i}].content[{j}]")
+    return messages
+
+
+def _check_tools(body: dict) -> tuple[list[dict] | None, str | dict | None]:
+    tools = body.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise _bad("'tools' must be an array of tool objects", "tools")
+        for i, tool in enumerate(tools):
+            fn = tool.get("function") if isinstance(tool, dict) else None
+            if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(fn, dict) \
+                    or not isinstance(fn.get("name"), str) or not fn["name"]:
+                raise _bad(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., 'parameters': ...}}}}",
+                           f"tools[{i}]")
+            params = fn.get("parameters")
+            if params is not None and not isinstance(params, dict):
+                raise _bad(f"tools[{i}].function.parameters must be a JSON schema object", f"tools[{i}].function.parameters")
+        if not tools:
+            tools = None
+    choice = body.get("tool_choice")
+    if choice is None:
+        return tools, ("auto" if tools else None)
+    if isinstance(choice, str):
+        if choice not in ("none", "auto", "required"):
+            raise _bad(f"'tool_choice' must be 'none', 'auto', 'required' or a function object, got {choice!r}",
+                       "tool_choice")
+        if choice == "required" and not tools:
+            raise _bad("tool_choice 'required' needs 'tools'", "tool_choice")
+        return tools, choice
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    if not isinstance(name, str):
+        raise _bad("'tool_choice' object must be {'type': 'function', 'function': {'name': ...}}", "tool_choice")
+    if not tools or name not in {t["function"]["name"] for t in tools}:
+        raise _bad(f"tool_choice names the function {name!r}, which is not in 'tools'", "tool_choice")
+    return tools, choice
+
+
+def _structured_outputs(response_format: Any) -> StructuredOutputsParams | None:
+    if response_format is None:
+        return None
+    if not isinstance(response_format, dict):
+        raise _bad("'response_format' must be an object", "response_format")
+    kind = response_format.get("type")
+    if kind in (None, "text"):
+        return None
+    # Compact JSON: the model cannot wander into endless whitespace between tokens.
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True, whitespace_flexible=False)
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise _bad("response_format json_schema needs 'json_schema': {'name': ..., 'schema': {...}}",
+                       "response_format.json_schema")
+        return StructuredOutputsParams(json=schema, whitespace_flexible=False)
+    raise _bad(f"response_format type {kind!r} is not supported; use 'text', 'json_object' or 'json_schema'",
+               "response_format.type")
+
+
+def _sampling_param_name(exc: SamplingParamsError) -> str | None:
+    match = re.search(r"option ([a-z_.]+)=", str(exc)) or re.search(r"option\(s\): '([a-z_]+)'", str(exc))
+    if match is None:
+        return None
+    name = match.group(1).split(".")[0]
+    return _OPENAI_PARAM_NAMES.get(name, name)
+
+
+def parse_chat_request(body: dict, *, max_tokens_default: int | None = None) -> ChatCompletionRequest:
+    """Validate a decoded JSON body; raises `OpenAIError` (400) naming the field at fault."""
+    unknown = sorted(set(body) - KNOWN_FIELDS)
+    if unknown:
+        raise _bad(f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0], "unknown_parameter")
+    model = _expect(body, "model", (str,), "a string")
+    if not model:
+        raise _bad("'model' is required", "model")
+    messages = _check_messages(body.get("messages"))
+    stream = bool(_expect(body, "stream", (bool,), "a boolean"))
+    stream_options = _expect(body, "stream_options", (dict,), "an object") or {}
+    if stream_options and not stream:
+        raise _bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
+    if body.get("logit_bias"):
+        raise _bad("'logit_bias' is not supported by this server", "logit_bias")
+    modalities = body.get("modalities")
+    if modalities is not None and modalities != ["text"]:
+        raise _bad("only the 'text' output modality is supported", "modalities")
+    logprobs = bool(_expect(body, "logprobs", (bool,), "a boolean"))
+    top_logprobs = _expect(body, "top_logprobs", (int,), "an integer")
+    if top_logprobs is not None:
+        if not logprobs:
+            raise _bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        if not 0 <= top_logprobs <= MAX_LOGPROBS:
+            raise _bad(f"'top_logprobs' must be between 0 and {MAX_LOGPROBS}, got {top_logprobs}", "top_logprobs")
+    tools, tool_choice = _check_tools(body)
+    response_format = _expect(body, "response_format", (dict,), "an object")
+    structured = _structured_outputs(response_format)
+
+    max_tokens = body.get("max_completion_tokens")
+    max_param = "max_completion_tokens"
+    if max_tokens is None:
+        max_tokens, max_param = body.get("max_tokens"), "max_tokens"
+    if max_tokens is None:
+        max_tokens = max_tokens_default
+    options: dict[str, Any] = {
+        "n": body.get("n", 1) if body.get("n") is not None else 1,
+        "temperature": 1.0 if body.get("temperature") is None else body["temperature"],
+        "top_p": 1.0 if body.get("top_p") is None else body["top_p"],
+        "presence_penalty": body.get("presence_penalty") or 0.0,
+        "frequency_penalty": body.get("frequency_penalty") or 0.0,
+        "seed": body.get("seed"),
+        "stop": body.get("stop"),
+        "max_tokens": max_tokens,
+        "logprobs": (top_logprobs or 0) if logprobs else None,
+        "output_kind": RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+        "structured_outputs": structured,
+    }
+    for name in EXTRA_SAMPLING_FIELDS:
+        if body.get(name) is not None:
+            options[name] = body[name]
+    try:
+        sampling = SamplingParams(**options)
+    except SamplingParamsError as exc:
+        param = _sampling_param_name(exc)
+        if param == "max_tokens":
+            param = max_param
+        raise OpenAIError(str(exc), 400, param=param, code="invalid_sampling_option") from None
+    return ChatCompletionRequest(
+        model=model, messages=messages, sampling=sampling, stream=stream,
+        include_usage=bool(stream_options.get("include_usage")), logprobs=logprobs, top_logprobs=top_logprobs or 0,
+        tools=tools, tool_choice=tool_choice, response_format=response_format,
+        num_images=count_image_parts(messages),
+    )
