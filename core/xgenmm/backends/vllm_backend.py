@@ -49,7 +49,7 @@ from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from ..special_tokens import IMAGE_TOKEN_ID, VOCAB_SIZE
 from ..tokenizer import load_tokenizer
-from .vllm_outputs import RequestTracker
+from .vllm_outputs import RequestTracker, leading_spaces_stripped_by_decode
 from .vllm_params import to_vllm_sampling_params
 
 logger = logging.getLogger("xgenmm.vllm")
@@ -189,6 +189,7 @@ class VllmEngineLoop:
         self.tokenizer = load_tokenizer(self.model_dir)
         self.image_processor = ImageProcessor.from_pretrained(self.model_dir)
         self.is_base_model = not self.image_processor.anyres
+        self._strip_leading_spaces = leading_spaces_stripped_by_decode(self.tokenizer)
         self.config = VllmEngineConfig(
             image_policy=options.pop("image_policy", None) or ImageInputPolicy(),
             max_images_per_prompt=int(options.pop("max_images_per_prompt", 32)),
@@ -332,6 +333,7 @@ class VllmEngineLoop:
 
     def _validate_grammar(self, vllm_params, params: SamplingParams) -> None:
         """vLLM checks grammars when the request reaches its engine; check here so a bad one fails at the call."""
+        from vllm.exceptions import VLLMValidationError
         from vllm.v1.structured_output.backend_guidance import validate_guidance_grammar
 
         if self._ll_tokenizer is None:
@@ -340,7 +342,7 @@ class VllmEngineLoop:
             self._ll_tokenizer = llguidance.hf.from_tokenizer(self.tokenizer, VOCAB_SIZE)
         try:
             validate_guidance_grammar(vllm_params, tokenizer=self._ll_tokenizer)
-        except ValueError as exc:
+        except (ValueError, VLLMValidationError) as exc:
             kind = params.structured_outputs.kind
             raise SamplingParamsError(f"invalid structured_outputs.{kind}: {exc}") from None
 
@@ -412,7 +414,7 @@ class VllmEngineLoop:
                 raise PromptError(f"request id {rid!r} is already in flight")
             engine_input = self._render(prepared.vllm_prompt)
             tracker = RequestTracker(rid, prepared.prompt, prepared.prompt_token_ids, prepared.params,
-                                     prepared.fused_length, prepared.arrival_time)
+                                     prepared.fused_length, prepared.arrival_time, self._strip_leading_spaces)
             self._engine.add_request(rid, engine_input, prepared.vllm_params)
         except Exception as exc:  # this request fails alone
             self._counters["failed"] += 1

@@ -37,10 +37,31 @@ def _convert_logprobs(vllm_logprobs) -> list[dict[int, Logprob]] | None:
     ]
 
 
+def leading_spaces_stripped_by_decode(tokenizer) -> int:
+    """How many leading spaces `tokenizer.decode(output_ids)` drops (1 for Phi-3 / Llama's Metaspace decoder).
+
+    The native engine's text is HF's decode of the output alone (what the official demos print); vLLM decodes the
+    output in the context of the prompt, which keeps the space of a first "▁word". Probing one "▁word" piece tells
+    how many spaces to drop from the start of vLLM's text to get the native text."""
+    for piece, tid in tokenizer.get_vocab().items():
+        if len(piece) > 2 and piece[0] == "\u2581" and piece[1:].isalpha():
+            decoded = tokenizer.decode([tid])
+            return max(0, len(piece) - len(decoded)) if decoded.endswith(piece[1:]) else 0
+    return 0
+
+
+def _strip_leading_spaces(text: str, count: int) -> str:
+    cut = 0
+    while cut < count and cut < len(text) and text[cut] == " ":
+        cut += 1
+    return text[cut:]
+
+
 class RequestTracker:
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
-                 fused_length: int, arrival_time: float | None = None):
+                 fused_length: int, arrival_time: float | None = None, strip_leading_spaces: int = 0):
         self.request_id = request_id
+        self.strip_leading_spaces = strip_leading_spaces
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
@@ -57,7 +78,7 @@ class RequestTracker:
             self.metrics.first_scheduled_time = now
         for comp in vout.outputs:
             sample = self.samples.setdefault(comp.index, _Sample(comp.index))
-            sample.text = comp.text
+            sample.text = _strip_leading_spaces(comp.text, self.strip_leading_spaces)
             sample.token_ids = list(comp.token_ids)
             sample.cumulative_logprob = comp.cumulative_logprob
             if comp.logprobs is not None:  # convert only the positions not seen yet
