@@ -26,6 +26,7 @@ CPU smoke test (tiny preset, seconds):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import platform
@@ -256,12 +257,62 @@ def kernel_checks(device: torch.device, dtype: torch.dtype, small: bool) -> dict
                     row[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             out["decode_timings"].append(row)
 
+    out["launch_config_sweep"] = _launch_config_sweep(device, dtype, heads, small)
     if device.type == "cuda":
         try:
             out["cuda_graph"] = _cuda_graph_check(device, dtype, heads)
         except Exception as exc:  # noqa: BLE001
             out["cuda_graph"] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
     return out
+
+
+def _launch_config_sweep(device, dtype, heads, small) -> list[dict]:
+    """Time a few tile shapes for a prefill-heavy and a decode step (the defaults come from
+    `default_launch_config`), with SDPA's FlashAttention on the same prefill (contiguous, unpaged) as the bar."""
+    import torch.nn.functional as F
+
+    from xgenmm.attention.triton_backend import TritonBackend
+    from xgenmm.attention.triton_kernels import AttentionLaunchConfig
+
+    cfg = AttentionLaunchConfig
+    prefill_seqs = [(0, 64), (64, 64)] if small else [(0, 1024)] * 4 + [(2048, 2048)]
+    decode_seqs = [(100, 1)] * 2 if small else [(1023, 1)] * 64
+    sweeps = {
+        "prefill": (prefill_seqs, [None, cfg(64, 64, 4, 2), cfg(128, 64, 8, 2), cfg(128, 64, 8, 3), cfg(128, 32, 4, 3),
+                                   cfg(64, 32, 4, 3), cfg(64, 128, 8, 2)]),
+        "decode": (decode_seqs, [None, cfg(16, 64, 4, 2), cfg(16, 128, 4, 2), cfg(16, 32, 2, 3), cfg(16, 64, 2, 3),
+                                 cfg(16, 128, 8, 3)]),
+    }  # fmt: skip
+    rows = []
+    for kind, (seqs, configs) in sweeps.items():
+        q, k, v, cache, meta = _paged_step(seqs, heads, heads, 96, 16, dtype, device, seed=5)
+        # causal attention FLOPs: 4 * D * sum over new rows of visible keys
+        flops = sum(4 * heads * 96 * sum(c + i + 1 for i in range(n)) for c, n in seqs)
+        kv_bytes = 2 * sum(c + n for c, n in seqs) * heads * 96 * q.element_size()
+        baseline = None
+        for config in configs:
+            backend = TritonBackend(num_kv_splits=1, launch_config=config)
+            row = {"kind": kind, "config": "default" if config is None else dataclasses.asdict(config)}
+            try:
+                result = backend.forward(q, k, v, cache, meta, 96**-0.5).float()
+                baseline = result if baseline is None else baseline
+                row["max_abs_diff_vs_default"] = float((result - baseline).abs().max())
+                seconds = timed(lambda b=backend: b.forward(q, k, v, cache, meta, 96**-0.5), device,
+                                repeats=2 if small else 20)  # fmt: skip
+                row.update(us=round(seconds * 1e6, 1), tflop_s=round(flops / seconds / 1e12, 1),
+                           kv_gb_s=round(kv_bytes / seconds / 1e9, 1))  # fmt: skip
+            except Exception as exc:  # noqa: BLE001
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            rows.append(row)
+        if kind == "prefill" and device.type == "cuda":
+            # Bar: SDPA (FlashAttention-2) on the same fresh-prefill shapes, contiguous K/V, no paging.
+            fresh = [n for c, n in seqs if c == 0]
+            qq = torch.randn(len(fresh), heads, fresh[0], 96, device=device, dtype=dtype)
+            seconds = timed(lambda: F.scaled_dot_product_attention(qq, qq, qq, is_causal=True), device, repeats=20)
+            sdpa_flops = sum(4 * heads * 96 * n * (n + 1) // 2 for n in fresh)
+            rows.append({"kind": "prefill_sdpa_fresh_only", "us": round(seconds * 1e6, 1),
+                         "tflop_s": round(sdpa_flops / seconds / 1e12, 1)})  # fmt: skip
+    return rows
 
 
 def _set_decode_lengths(meta, contexts: list[int]) -> None:
