@@ -145,7 +145,7 @@ def test_closing_a_stream_aborts_and_frees_blocks(tiny_llm):
 
 def test_bad_requests_fail_alone_with_clear_errors(tiny_checkpoint, tiny_llm):
     img = Image.open(next((FIXTURES / "images").glob("*.png")))
-    with pytest.raises(ImageCountMismatchError, match="1 <image> tag"):
+    with pytest.raises(ImageCountMismatchError, match="2 <image> tag.*1 image"):
         tiny_llm.generate({"prompt": "<image> and <image>", "multi_modal_data": {"image": img}})
     with pytest.raises(ImageCountMismatchError):
         tiny_llm.generate({"prompt": "no tags", "multi_modal_data": {"image": [img]}})
