@@ -1,0 +1,99 @@
+"""The vLLM plugin itself: registration, config parsing, and that the other checkpoint variants load and agree with
+the native engine (the golden fixture is an interleave checkpoint; see test_vllm_backend.py for it).
+
+Runs only where vLLM is installed (`.venv-vllm`, via `.ci/vllm.sh`); see conftest.py for why it is skipped elsewhere.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from PIL import Image  # noqa: E402
+
+from xgenmm import SamplingParams  # noqa: E402
+from xgenmm.backends import get_engine  # noqa: E402
+from xgenmm.special_tokens import IMAGE_PLACEHOLDER_TOKEN, IMAGE_TOKEN  # noqa: E402
+from xgenmm.testing import make_random_checkpoint  # noqa: E402
+
+SMALL_ENGINE = dict(kv_cache_memory_bytes=128 * 1024**2, max_model_len=2048)
+
+
+def test_register_is_idempotent_and_complete():
+    from transformers import AutoConfig
+    from vllm import ModelRegistry
+    from vllm.tokenizers import TokenizerRegistry
+
+    from xgenmm.vllm_plugin import ARCHITECTURE, register
+    from xgenmm.vllm_plugin.hf_config import XGenMMVllmConfig
+
+    register()
+    register()
+    assert ARCHITECTURE in ModelRegistry.get_supported_archs()
+    assert TokenizerRegistry.tokenizers["hf"] == ("xgenmm.vllm_plugin.tokenizer", "XGenMMAwareHfTokenizer")
+    assert TokenizerRegistry.tokenizers["xgenmm"] == ("xgenmm.vllm_plugin.tokenizer", "XGenMMAwareHfTokenizer")
+    assert AutoConfig.for_model("xgenmm").__class__ is XGenMMVllmConfig
+
+
+def test_entry_point_is_declared():
+    from importlib.metadata import entry_points
+
+    eps = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert eps.get("xgenmm") == "xgenmm.vllm_plugin:register"
+
+
+def test_hf_config_parses_the_official_config(fixture_checkpoint_with_tokenizer):
+    from transformers import AutoConfig
+
+    from xgenmm.vllm_plugin import register
+
+    register()
+    config = AutoConfig.from_pretrained(fixture_checkpoint_with_tokenizer)
+    text = config.get_text_config()
+    assert config.architectures == ["XGenMMModelForConditionalGeneration"]
+    assert (text.vocab_size, text.checkpoint_vocab_rows, text.initial_tokenizer_len) == (32015, 32064, 32012)
+    assert text.architectures == ["Phi3ForCausalLM"] and text.sliding_window is None
+    assert config.vision_encoder_config["siglip_vision_config"]["hidden_size"] == 32
+    assert not hasattr(config, "auto_map") or not config.auto_map
+
+
+def test_plugin_tokenizer_has_the_vlm_tokens(fixture_checkpoint_with_tokenizer):
+    from vllm.tokenizers import get_tokenizer
+
+    from xgenmm.vllm_plugin import register
+
+    register()
+    tok = get_tokenizer(str(fixture_checkpoint_with_tokenizer))
+    assert len(tok) == 32015 and tok.eos_token_id == 32007
+    assert tok.encode("a <image> b", add_special_tokens=False).count(32012) == 1
+    assert tok.chat_template
+
+
+@pytest.mark.parametrize("variant", ["dpo", "base"])
+def test_variant_loads_and_matches_native(tmp_path, fixture_dir, variant):
+    """A dpo (instruct-family, anyres) and a base (one 384 squash image, `<image>` + 127 placeholders) checkpoint."""
+    ckpt = make_random_checkpoint(tmp_path / variant, preset="tiny", seed=3, variant=variant)
+    image = Image.open(fixture_dir / "images/a_1200x350.png")
+    if variant == "base":
+        prompt = IMAGE_TOKEN + IMAGE_PLACEHOLDER_TOKEN * 127 + "a photo of"
+        expected_prompt_tokens = None  # 128 image ids + the text, nothing expanded
+    else:
+        prompt = "<|user|>\n<image>\nWhat is this?<|end|>\n<|assistant|>\n"
+        expected_prompt_tokens = 512  # a 1200x350 image: 3x1 grid, 4 patches, 4 x 128 vision tokens
+    request = {"prompt": prompt, "multi_modal_data": {"image": image}}
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    vllm_engine = get_engine("vllm", model=str(ckpt), dtype="float32", **SMALL_ENGINE)
+    native_engine = get_engine("native", model=str(ckpt), device="cpu", dtype="float32")
+    try:
+        v = vllm_engine.sync.generate(request, params)[0]
+        n = native_engine.sync.generate(request, params)[0]
+    finally:
+        vllm_engine.sync._loop.shutdown()
+        native_engine.sync._loop.shutdown()
+    assert v.outputs[0].token_ids == n.outputs[0].token_ids
+    assert v.metrics.num_prompt_tokens == n.metrics.num_prompt_tokens
+    if expected_prompt_tokens is not None:
+        assert v.metrics.num_prompt_tokens - len(v.prompt_token_ids) + 1 == expected_prompt_tokens
+    else:
+        assert v.metrics.num_prompt_tokens == len(v.prompt_token_ids)
