@@ -146,10 +146,10 @@ def normalize_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[dict[str,
     """OpenAI function tools `{"type": "function", "function": {"name", "description", "parameters"}}`.
 
     Also accepts the bare function object `{"name", "description", "parameters"}`. Raises `PromptError` naming the
-    tool index for anything else, and for duplicate names.
+    tool index for anything else. A repeated name keeps its first definition (a call names one tool).
     """
     out: list[dict[str, Any]] = []
-    seen: set[str] = set()
+    seen: dict[str, dict[str, Any]] = {}
     for i, tool in enumerate(tools or ()):
         if not isinstance(tool, Mapping):
             raise PromptError(f"tool {i}: must be a dict (OpenAI function tool), got {type(tool).__name__}")
@@ -163,13 +163,13 @@ def normalize_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[dict[str,
             params = {"type": "object", "properties": {}}
         if not isinstance(params, Mapping):
             raise PromptError(f"tool {i} ({fn['name']}): 'parameters' must be a JSON schema object")
-        if fn["name"] in seen:
-            raise PromptError(f"tool {i}: duplicate tool name {fn['name']!r}")
-        seen.add(fn["name"])
         function: dict[str, Any] = {"name": fn["name"]}
         if fn.get("description"):
             function["description"] = str(fn["description"])
         function["parameters"] = dict(params)
+        if fn["name"] in seen:
+            continue  # a name given twice (e.g. a pydantic class and its JSON schema): the first definition wins
+        seen[fn["name"]] = function
         out.append({"type": "function", "function": function})
     return out
 
