@@ -86,7 +86,8 @@ class ChatCompletionService:
                               f"{self.config.model_name!r} (see /v1/models)", 400, param="model", code="model_not_found")
 
     def _tool_sampling(self, req: ChatCompletionRequest, body: dict):
-        """Tools for the prompt, and the grammar that keeps tool calls well-formed (unless a response_format rules)."""
+        """Tools for the prompt, and the grammar that keeps tool calls well-formed: a forced call ("required" or a
+        named function) always gets it; with "auto" a response_format, if any, decides the output instead."""
         sampling = req.sampling
         if not req.tools:
             return sampling, None
@@ -95,7 +96,7 @@ class ChatCompletionService:
             mode, _ = tool_calls_lib.resolve_tool_choice(req.tool_choice, tools)
             if mode == "none":
                 return sampling, None
-            if sampling.structured_outputs is None:
+            if mode == "required" or sampling.structured_outputs is None:
                 grammar = tool_calls_lib.tool_call_structured_outputs(
                     tools, req.tool_choice, parallel_tool_calls=bool(body.get("parallel_tool_calls", False)))
                 if grammar is not None:

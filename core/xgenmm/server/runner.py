@@ -33,7 +33,8 @@ class BackgroundServer:
             config.port = free_port(config.host)
         self.config = config
         self.app = build_app(config, llm)
-        self._server = uvicorn.Server(uvicorn.Config(self.app, host=config.host, port=config.port,
+        # log_config=None: leave the host process's logging alone (uvicorn's records propagate to its handlers).
+        self._server = uvicorn.Server(uvicorn.Config(self.app, host=config.host, port=config.port, log_config=None,
                                                      log_level="warning", timeout_graceful_shutdown=2))
         self._thread = threading.Thread(target=self._server.run, name="xgenmm-server", daemon=True)
         self._start_timeout_s = start_timeout_s
