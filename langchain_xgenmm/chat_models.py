@@ -385,8 +385,10 @@ class ChatXGenMM(BaseChatModel):
             json_schema = convert_to_json_schema(schema) if schema is not None else None
             if json_schema is not None and "type" not in json_schema and "properties" in json_schema:
                 json_schema = {**json_schema, "type": "object"}
-            llm = self.bind(structured_output={"method": method, "schema": json_schema},
-                            ls_structured_output_format=ls_format if schema is not None else {"kwargs": {"method": method}})
+            bound: dict[str, Any] = {"structured_output": {"method": method, "schema": json_schema}}
+            if schema is not None:
+                bound["ls_structured_output_format"] = ls_format
+            llm = self.bind(**bound)
             parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
         else:
             raise ValueError(f"unknown method {method!r}; use 'json_schema', 'function_calling' or 'json_mode'")

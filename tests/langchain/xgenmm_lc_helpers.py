@@ -51,3 +51,44 @@ def local_png() -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def png_bytes(color=(200, 40, 40), size=(48, 32)) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class LoopbackImageServer:
+    """A tiny HTTP server on 127.0.0.1 serving one PNG at /img.png (for URL-policy tests; never a remote host)."""
+
+    def __init__(self, body: bytes) -> None:
+        import http.server
+        import threading
+
+        payload = body
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server API
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/img.png"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
