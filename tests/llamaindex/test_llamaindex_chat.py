@@ -206,6 +206,15 @@ def test_local_path_refused_by_default(llm, image_dir):
         asyncio.run(run())
 
 
+def test_local_file_roots_confine_local_paths(model_path, image_dir, tmp_path):
+    inside = _image_llm(model_path, allow_local_files=True, local_file_roots=[str(image_dir)])
+    assert inside.chat([_user(ImageBlock(path=image_dir / "red.png"))]).message.content
+    outside = tmp_path / "elsewhere.png"
+    outside.write_bytes((image_dir / "red.png").read_bytes())
+    with pytest.raises(ImageSourceNotAllowedError, match="outside the allowed local_file_roots"):
+        inside.chat([_user(ImageBlock(path=outside))])
+
+
 def test_audio_block_is_refused_not_dropped(llm):
     audio = AudioBlock(audio=b"RIFF....WAVEfmt ", format="wav")
     with pytest.raises(PromptError, match="message 0, block 0: AudioBlock is not supported"):
