@@ -136,7 +136,8 @@ def test_64_streaming_clients_some_hanging_up(server, server_llm, image_data_url
 
     metrics = httpx.get(server.base_url + "/metrics").text
     assert 'outcome="server_error"' not in metrics
-    disconnected = [line for line in metrics.splitlines() if line.startswith('xgenmm_http_requests_total{outcome="disconnected"}')]
+    disconnected = [line for line in metrics.splitlines()
+                    if line.startswith('xgenmm_http_requests_total{outcome="disconnected"}')]
     assert disconnected and float(disconnected[0].split()[-1]) >= 32
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors]

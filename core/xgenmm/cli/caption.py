@@ -27,7 +27,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", metavar="DIR", help="folder of images")
     p.add_argument("--out", "-o", required=True, help="output JSONL file (appended to; existing entries are skipped)")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"instruction sent with each image (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT,
+                   help=f"instruction sent with each image (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--recursive", "-r", action="store_true", help="include sub-folders")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

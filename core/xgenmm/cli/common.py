@@ -27,7 +27,8 @@ def default_model() -> str:
 def add_model_args(parser: argparse.ArgumentParser, model_default: str | None = "") -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", "-m", default=default_model() if model_default == "" else model_default,
-                       help=f"Hugging Face id or local checkpoint directory (default: ${MODEL_ENV} or {DEFAULT_MODEL_ID})")
+                       help=f"Hugging Face id or local checkpoint directory "
+                            f"(default: ${MODEL_ENV} or {DEFAULT_MODEL_ID})")
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     group.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bfloat16 on GPU, "
                                                      "float32 on CPU)")
@@ -94,7 +95,8 @@ def resolve_model(model: str) -> Path:
         raise CLIError(f"{no_weights_advice(model)}\n  (details: {exc})") from None
 
 
-def local_image_policy(paths: list[str | Path] | None = None, roots: list[str | Path] | None = None) -> ImageInputPolicy:
+def local_image_policy(paths: list[str | Path] | None = None,
+                       roots: list[str | Path] | None = None) -> ImageInputPolicy:
     """Images named on the command line are the user's own files: local reads allowed (inside `roots` when given),
     no byte limit (the pixel limit still guards against decompression bombs); never remote URLs."""
     folders = [str(Path(r).resolve()) for r in (roots or [])]

@@ -38,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         from ..server import ServerConfig, run_server
     except ImportError as exc:
-        raise CLIError(f"the server needs extra packages ({exc.name} is missing): pip install 'xgenmm[server]'") from None
+        raise CLIError(f"the server needs extra packages ({exc.name} is missing): "
+                       "pip install 'xgenmm[server]'") from None
     resolve_model(args.model)
     config = ServerConfig(
         model=args.model, device=args.device, dtype=args.dtype, served_model_name=args.served_model_name,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .. import tools as tool_calls_lib
 from ..async_llm import AsyncLLM
@@ -38,11 +38,9 @@ class _ChoiceState:
 
     index: int
     parser: tool_calls_lib.ToolCallStreamParser | None
-    sent_role: bool = False
     finished: bool = False
     num_tool_calls: int = 0
     completion_tokens: int = 0
-    text: list[str] = field(default_factory=list)
 
 
 class ChatCompletionService:
@@ -59,9 +57,10 @@ class ChatCompletionService:
         req = parse_chat_request(body, max_tokens_default=self.config.max_tokens_default)
         self._check_model(req)
         if req.num_images > self.config.max_images_per_request:
-            raise OpenAIError(f"the request has {req.num_images} images; this server accepts at most "
-                              f"{self.config.max_images_per_request} per request (xgenmm serve --max-images-per-request)",
-                              400, param="messages", code="too_many_images")
+            limit = self.config.max_images_per_request
+            raise OpenAIError(f"the request has {req.num_images} images; this server accepts at most {limit} per "
+                              "request (xgenmm serve --max-images-per-request)", 400, param="messages",
+                              code="too_many_images")
         sampling, tools = self._tool_sampling(req, body)
         request_id = new_request_id("chatcmpl")
         gen = self.llm.chat(req.messages, sampling, request_id=request_id, tools=tools, image_policy=self.image_policy)
@@ -83,7 +82,8 @@ class ChatCompletionService:
     def _check_model(self, req: ChatCompletionRequest) -> None:
         if req.model not in self._accepted_models:
             raise OpenAIError(f"the model {req.model!r} does not exist on this server; it serves "
-                              f"{self.config.model_name!r} (see /v1/models)", 400, param="model", code="model_not_found")
+                              f"{self.config.model_name!r} (see /v1/models)", 400, param="model",
+                              code="model_not_found")
 
     def _tool_sampling(self, req: ChatCompletionRequest, body: dict):
         """Tools for the prompt, and the grammar that keeps tool calls well-formed: a forced call ("required" or a
@@ -168,7 +168,6 @@ class ChatCompletionService:
         finished_ok = False
         try:
             for i in range(n):
-                states[i].sent_role = True
                 yield make_chunk([R.chunk_choice(i, {"role": "assistant", "content": ""})])
             out: RequestOutput | None = first
             while out is not None:

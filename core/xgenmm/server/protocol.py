@@ -117,7 +117,8 @@ def _check_tools(body: dict) -> tuple[list[dict] | None, str | dict | None]:
                            f"tools[{i}]")
             params = fn.get("parameters")
             if params is not None and not isinstance(params, dict):
-                raise _bad(f"tools[{i}].function.parameters must be a JSON schema object", f"tools[{i}].function.parameters")
+                raise _bad(f"tools[{i}].function.parameters must be a JSON schema object",
+                           f"tools[{i}].function.parameters")
         if not tools:
             tools = None
     choice = body.get("tool_choice")
