@@ -13,6 +13,7 @@ call (never in `__init__`). `invoke`/`stream` block in the calling thread while 
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
@@ -51,6 +52,8 @@ from xgenmm.tools import (
 from .messages import to_core_messages
 
 __all__ = ["ChatXGenMM"]
+
+_ENGINE_INIT_LOCK = threading.RLock()
 
 # Per-call kwargs that map straight onto SamplingParams (vLLM names).
 _SAMPLING_KWARGS = ("temperature", "max_tokens", "top_p", "top_k", "min_p", "seed", "presence_penalty",
@@ -139,7 +142,14 @@ class ChatXGenMM(BaseChatModel):
 
     # ---- engine ---------------------------------------------------------------------------------------------------
     def _get_engine(self):
-        """The shared engine (sync + asyncio faces), resolved on first use."""
+        """The shared engine (sync + asyncio faces), resolved on first use (once, even when `batch` threads all
+        make their first call together)."""
+        if self._engine is not None:
+            return self._engine
+        with _ENGINE_INIT_LOCK:
+            return self._resolve_engine()
+
+    def _resolve_engine(self):
         if self._engine is None:
             if self.backend == "native":
                 from xgenmm import LLM, AsyncLLM
