@@ -142,6 +142,11 @@ def test_bench_passes_options_to_the_benchmark(tmp_path):
                       "    return 0\n")
     assert main(["bench", "--script", str(script), "--model", "m", "--dtype", "bfloat16", "--num-prompts", "3"]) == 0
     assert json.loads(record.read_text()) == ["--model", "m", "--dtype", "bfloat16", "--num-prompts", "3"]
+    # a main() without parameters reads sys.argv; a non-int result (e.g. a report path) is success
+    script.write_text(f"import json, sys\ndef main():\n    json.dump(sys.argv[1:], open({str(record)!r}, 'w'))\n"
+                      "    return 'report.json'\n")
+    assert main(["bench", "--script", str(script), "--warmup", "1"]) == 0
+    assert json.loads(record.read_text()) == ["--warmup", "1"]
     with pytest.raises(SystemExit):
         main(["chat", "--no-such-option", "x"])  # only bench passes unknown options on
 

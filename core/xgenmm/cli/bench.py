@@ -51,17 +51,16 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     argv = benchmark_argv(args, extra or [])
     namespace = runpy.run_path(str(path), run_name="xgenmm_bench")  # defines main() without running it
     main = namespace.get("main")
-    if callable(main) and inspect.signature(main).parameters:
-        result = main(argv)
-        return int(result or 0)
     saved = sys.argv
-    sys.argv = [str(path), *argv]
+    sys.argv = [str(path), *argv]  # for a main() that reads sys.argv itself
     try:
         if callable(main):
-            return int(main() or 0)
-        runpy.run_path(str(path), run_name="__main__")
-        return 0
+            result = main(argv) if inspect.signature(main).parameters else main()
+        else:
+            runpy.run_path(str(path), run_name="__main__")
+            result = 0
     except SystemExit as exc:
-        return int(exc.code or 0) if not isinstance(exc.code, str) else 1
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
         sys.argv = saved
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0  # main may return a report
