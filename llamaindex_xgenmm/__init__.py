@@ -2,8 +2,15 @@
 `XGenMMImageReader` captioning reader for multimodal RAG. Also importable as `llama_index.llms.xgenmm` and
 `llama_index.readers.xgenmm`."""
 
+from importlib import metadata as _metadata
+
 from .base import DEFAULT_CONTEXT_WINDOW, XGenMM
 from .messages import to_image_block
 from .reader import READER_PROMPTS, XGenMMImageReader
 
-__all__ = ["XGenMM", "XGenMMImageReader", "READER_PROMPTS", "DEFAULT_CONTEXT_WINDOW", "to_image_block"]
+try:
+    __version__ = _metadata.version("xgenmm")
+except _metadata.PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0"
+
+__all__ = ["__version__", "XGenMM", "XGenMMImageReader", "READER_PROMPTS", "DEFAULT_CONTEXT_WINDOW", "to_image_block"]

@@ -173,7 +173,10 @@ def to_image_block(item: Any) -> ImageBlock:
         if item.image:
             return ImageBlock(image=base64.b64decode(item.image), image_mimetype=mimetype)
         if item.image_path:
-            return ImageBlock(path=Path(item.image_path), image_mimetype=mimetype)
+            path = Path(item.image_path)
+            if not path.is_file():
+                raise ImageError(f"{type(item).__name__} {item.id_!r}: image file not found: {str(path)!r}")
+            return ImageBlock(path=path, image_mimetype=mimetype)
         if item.image_url:
             return ImageBlock(url=str(item.image_url), image_mimetype=mimetype)
         raise ImageError(f"{type(item).__name__} {item.id_!r} has no image (no image data, image_path or image_url)")

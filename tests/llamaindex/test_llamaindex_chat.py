@@ -226,5 +226,7 @@ def test_audio_block_is_refused_not_dropped(llm):
 def test_image_documents_without_an_image_are_refused(llm):
     with pytest.raises(ImageError, match="has no image"):
         llm.complete(QUESTION, image_documents=[ImageNode(text="caption only")])
+    with pytest.raises(ImageError, match="image file not found"):
+        llm.complete(QUESTION, image_documents=[ImageNode(image_path="/nonexistent/gone.png")])
     with pytest.raises(ImageError, match="cannot use TextNode as an image"):
         llm.complete(QUESTION, image_documents=[TextNode(text="just text")])
