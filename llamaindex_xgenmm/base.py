@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 from llama_index.core.base.llms.generic_utils import (
@@ -58,8 +58,6 @@ __all__ = ["XGenMM", "DEFAULT_CONTEXT_WINDOW"]
 
 DEFAULT_CONTEXT_WINDOW = 4096  # Phi-3-mini-4k, the xGen-MM v1.5 language model
 _SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
-
-StructuredOutputsLike = Union[StructuredOutputsParams, dict, Callable[[Sequence[ChatMessage]], Any], None]
 
 
 @dataclasses.dataclass(frozen=True)
