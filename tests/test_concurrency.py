@@ -1,0 +1,119 @@
+"""64 requests from threads and from asyncio tasks, some cancelled midway: all others complete correctly, and every
+KV block is back in the pool afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from xgenmm import LLM, AsyncLLM, RequestOutputKind, SamplingParams
+from xgenmm.engine.engine_loop import create_engine_loop
+
+PARAMS = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+
+def _prompt(i: int) -> str:
+    return f"<|user|>\nquestion number {i % 8} about {'cats' if i % 2 else 'dogs'}<|end|>\n<|assistant|>\n"
+
+
+@pytest.fixture(scope="module")
+def loop(tiny_checkpoint):
+    engine_loop = create_engine_loop(str(tiny_checkpoint), "cpu", "float32", max_num_seqs=32)
+    yield engine_loop
+    engine_loop.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(loop):
+    llm = LLM.from_engine_loop(loop)
+    return {i: llm.generate(_prompt(i), PARAMS)[0].outputs[0].token_ids for i in range(8)}
+
+
+def _assert_pool_drained(loop):
+    bm = loop.engine.block_manager
+    assert loop.engine.num_requests == 0
+    assert bm.num_free_blocks == bm.num_total_blocks
+    bm.check_invariants()
+
+
+def test_64_threads_some_cancelled(loop, reference):
+    llm = LLM.from_engine_loop(loop)
+    results: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+    long_params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+
+    def worker(i: int) -> None:
+        try:
+            if i % 5 == 0:  # cancelled midway: read two steps then close the stream
+                stream = llm.stream(_prompt(i), long_params)
+                next(stream)
+                next(stream)
+                stream.close()
+            else:
+                results[i] = llm.generate(_prompt(i), PARAMS)[0].outputs[0].token_ids
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors
+    assert len(results) == 64 - len(range(0, 64, 5))
+    for i, tokens in results.items():
+        assert tokens == reference[i % 8], i
+    llm.generate(_prompt(0), PARAMS)  # the loop has handled every abort by the time this returns
+    _assert_pool_drained(loop)
+
+
+def test_64_asyncio_tasks_some_cancelled(loop, reference):
+    allm = AsyncLLM.from_engine_loop(loop)
+
+    async def one(i: int) -> list[int]:
+        tokens: list[int] = []
+        params = SamplingParams(temperature=0.0, max_tokens=6 if i % 4 else 300, ignore_eos=True,
+                                output_kind=RequestOutputKind.DELTA)
+        async for out in allm.generate(_prompt(i), params):
+            tokens.extend(out.outputs[0].token_ids)
+        return tokens
+
+    async def main():
+        tasks = [asyncio.create_task(one(i)) for i in range(64)]
+        await asyncio.sleep(0.5)
+        for i in range(0, 64, 4):  # the long ones: cancel them midway
+            tasks[i].cancel()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    results = asyncio.run(main())
+    for i, res in enumerate(results):
+        if i % 4 == 0:
+            assert isinstance(res, asyncio.CancelledError), (i, res)
+        else:
+            assert res == reference[i % 8], i
+    LLM.from_engine_loop(loop).generate(_prompt(0), PARAMS)
+    assert loop.stats().num_running == 0
+    _assert_pool_drained(loop)
+
+
+def test_a_failing_request_does_not_disturb_concurrent_ones(loop, reference):
+    allm = AsyncLLM.from_engine_loop(loop)
+
+    async def ok(i):
+        out = None
+        async for out in allm.generate(_prompt(i), PARAMS):
+            pass
+        return out.outputs[0].token_ids
+
+    async def bad():
+        async for _ in allm.generate("word " * 5000, PARAMS):
+            pass
+
+    async def main():
+        return await asyncio.gather(ok(1), bad(), ok(2), return_exceptions=True)
+
+    r1, err, r2 = asyncio.run(main())
+    assert r1 == reference[1] and r2 == reference[2]
+    assert "context" in str(err) or "max_model_len" in str(err)
