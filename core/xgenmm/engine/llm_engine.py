@@ -41,7 +41,7 @@ class EngineConfig:
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     block_size: int = 16
-    kv_cache_memory_bytes: int | None = None  # CPU: bytes for the KV cache (default 1 GiB)
+    kv_cache_memory_bytes: int | None = None  # CPU: bytes for the KV cache (default 512 MiB)
     gpu_memory_utilization: float = 0.9  # CUDA: fraction of the GPU the engine may fill
     enable_prefix_caching: bool = True
     vision_cache_bytes: int = 512 * 1024**2

@@ -42,7 +42,7 @@ def num_kv_blocks_for_budget(model, block_size: int, dtype: torch.dtype, device:
             headroom = 2 * 1024**3
             kv_cache_memory_bytes = max(int(total * gpu_memory_utilization) - used - headroom, per_block * 64)
         else:
-            kv_cache_memory_bytes = 1024**3
+            kv_cache_memory_bytes = 512 * 1024**2
     return max(int(kv_cache_memory_bytes // per_block), 1)
 
 
