@@ -97,3 +97,29 @@ def test_variant_loads_and_matches_native(tmp_path, fixture_dir, variant):
         assert v.metrics.num_prompt_tokens - len(v.prompt_token_ids) + 1 == expected_prompt_tokens
     else:
         assert v.metrics.num_prompt_tokens == len(v.prompt_token_ids)
+
+
+def test_serving_chat_template_renders_like_the_native_renderer(fixture_checkpoint_with_tokenizer):
+    """`--chat-template` from `xgenmm.vllm_plugin.chat_template` gives vLLM the native prompt (default system turn,
+    system messages on top, `<image>\\n` before the text of an image message, as vLLM flattens image parts)."""
+    from xgenmm.prompts import ChatRenderer
+    from xgenmm.tokenizer import load_tokenizer
+    from xgenmm.vllm_plugin.chat_template import XGENMM_CHAT_TEMPLATE
+
+    tok = load_tokenizer(fixture_checkpoint_with_tokenizer)
+    renderer = ChatRenderer(tok)
+    image = Image.new("RGB", (40, 30))
+    native_conversations = [
+        [{"role": "user", "content": [{"type": "image_pil", "image_pil": image}, {"type": "text", "text": "q"}]}],
+        [{"role": "system", "content": "S"}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+         {"role": "system", "content": "T"}, {"role": "user", "content": "c"}],
+    ]
+    vllm_conversations = [  # what vLLM hands the template for the same messages ("string" content format)
+        [{"role": "user", "content": "<image>\nq"}],
+        native_conversations[1],
+    ]
+    for native, flattened in zip(native_conversations, vllm_conversations):
+        expected = renderer.render(native, add_generation_prompt=True).text
+        got = tok.apply_chat_template(flattened, chat_template=XGENMM_CHAT_TEMPLATE, tokenize=False,
+                                      add_generation_prompt=True)
+        assert got == expected
