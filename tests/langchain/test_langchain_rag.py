@@ -78,3 +78,14 @@ async def test_image_qa_tool_async_and_as_a_tool_call(llm, image_folder):
     message = await tool.ainvoke({"type": "tool_call", "id": "c1", "name": tool.name,
                                   "args": {"image": str(image_folder / "b.jpg"), "question": "shape?"}})
     assert message.tool_call_id == "c1" and message.content
+
+
+def test_image_qa_tool_catalogue_is_an_enum_and_reads_configured_files(llm, image_folder):
+    tool = XGenMMImageQATool(llm=llm, images={"red": str(image_folder / "a.png"), "blue": str(image_folder / "b.jpg")})
+    schema = tool.args_schema.model_json_schema()
+    assert schema["properties"]["image"]["enum"] == ["red", "blue"]
+    # configured files are read by the tool (the model's allow_local_files stays off)
+    assert tool.invoke({"image": "blue", "question": "shape?"})
+    bound = llm.model_copy(update={"max_tokens": 60}).bind_tools([tool], tool_choice="any")
+    call = bound.invoke("Look at one of the pictures.").tool_calls[0]
+    assert call["args"]["image"] in ("red", "blue")
