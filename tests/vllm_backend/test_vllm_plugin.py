@@ -123,3 +123,26 @@ def test_serving_chat_template_renders_like_the_native_renderer(fixture_checkpoi
         got = tok.apply_chat_template(flattened, chat_template=XGENMM_CHAT_TEMPLATE, tokenize=False,
                                       add_generation_prompt=True)
         assert got == expected
+
+
+def test_text_only_engine_without_vision_tower(tmp_path):
+    """`max_images_per_prompt=0` (vLLM's image limit 0) builds no vision tower; the checkpoint still loads and text
+    generation equals the native engine's, and images are refused at the call."""
+    from xgenmm.errors import PromptError
+
+    ckpt = make_random_checkpoint(tmp_path / "instruct", preset="tiny", seed=4, variant="instruct")
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    prompt = "<|user|>\nHello there<|end|>\n<|assistant|>\n"
+    vllm_engine = get_engine("vllm", model=str(ckpt), dtype="float32", max_images_per_prompt=0, **SMALL_ENGINE)
+    native_engine = get_engine("native", model=str(ckpt), device="cpu", dtype="float32")
+    try:
+        assert type(vllm_engine.sync._loop._engine.model_executor.driver_worker.worker.model_runner.model.vision
+                    ).__name__ == "StageMissingLayer"
+        v = vllm_engine.sync.generate(prompt, params)[0]
+        n = native_engine.sync.generate(prompt, params)[0]
+        with pytest.raises(PromptError, match="limit"):
+            vllm_engine.sync.generate({"prompt": "<image>", "multi_modal_data": {"image": Image.new("RGB", (8, 8))}})
+    finally:
+        vllm_engine.sync._loop.shutdown()
+        native_engine.sync._loop.shutdown()
+    assert v.outputs[0].token_ids == n.outputs[0].token_ids

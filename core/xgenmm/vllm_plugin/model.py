@@ -143,6 +143,8 @@ class XGenMMForVLLM(nn.Module, SupportsMultiModal):
                     continue
                 target = next((new + name[len(old) :] for old, new in VISION_PREFIXES.items() if name.startswith(old)), None)
                 if target is not None:
+                    if not vision_params:  # tower not built (--limit-mm-per-prompt image=0): text only
+                        continue
                     if target not in vision_params:
                         raise ValueError(f"checkpoint tensor {name!r} has no matching vision parameter ({target})")
                     default_weight_loader(vision_params[target], tensor)
