@@ -65,13 +65,20 @@ class AsyncLLM:
         queue: asyncio.Queue = asyncio.Queue()
 
         def sink(out):
-            loop.call_soon_threadsafe(queue.put_nowait, out)
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, out)
+            except RuntimeError:  # the event loop closed: nobody is listening any more
+                pass
 
         finished = False
         self._loop.submit(prepared, sink)
         try:
             while True:
-                out = await queue.get()
+                try:
+                    out = await asyncio.wait_for(queue.get(), timeout=5.0)
+                except asyncio.TimeoutError:
+                    self._loop.check_alive()
+                    continue
                 if isinstance(out, BaseException):
                     finished = True
                     raise out

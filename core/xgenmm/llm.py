@@ -44,8 +44,9 @@ class _Collector:
 
         return sink
 
-    def wait(self) -> None:
-        self._done.wait()
+    def wait(self, loop) -> None:
+        while not self._done.wait(timeout=5.0):
+            loop.check_alive()
 
 
 def _as_list(prompts) -> tuple[list, bool]:
@@ -133,7 +134,11 @@ class LLM:
         finished = False
         try:
             while True:
-                out = outputs.get()
+                try:
+                    out = outputs.get(timeout=5.0)
+                except _queue.Empty:
+                    self._loop.check_alive()
+                    continue
                 if isinstance(out, BaseException):
                     finished = True
                     raise out
@@ -165,7 +170,7 @@ class LLM:
         try:
             for i, p in enumerate(prepared):
                 self._loop.submit(p, collector.sink_for(i))
-            collector.wait()
+            collector.wait(self._loop)
         except BaseException:
             for p in prepared:
                 self._loop.abort(p.request_id)

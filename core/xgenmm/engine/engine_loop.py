@@ -21,7 +21,7 @@ import torch
 from ..checkpoint import resolve_model_dir
 from ..errors import EngineDeadError, RequestAbortedError
 from ..outputs import RequestOutput
-from .llm_engine import LLMEngine, PreparedRequest
+from .llm_engine import LLMEngine, PreparedRequest, _deliver
 
 logger = logging.getLogger("xgenmm.engine")
 
@@ -54,6 +54,8 @@ class EngineLoop:
         if self._stopped:
             raise EngineDeadError("the engine was shut down")
         self._commands.put(("add", prepared, sink))
+        if self._dead is not None or not self._thread.is_alive():  # died between the check and the put
+            self._fail_all(EngineDeadError(f"the engine loop stopped: {self._dead!r}"))
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id, None))
@@ -66,6 +68,11 @@ class EngineLoop:
         self._commands.put(("stop", None, None))
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=30)
+
+    def check_alive(self) -> None:
+        """Raise EngineDeadError if the loop thread is gone (waiters poll this instead of blocking forever)."""
+        if self._dead is not None or not self._thread.is_alive():
+            raise EngineDeadError(f"the engine loop stopped: {self._dead!r}" if self._dead else "the engine was shut down")
 
     @property
     def is_alive(self) -> bool:
@@ -90,7 +97,12 @@ class EngineLoop:
                     except queue.Empty:
                         cmd = None
                 if engine.has_unfinished_requests():
-                    engine.step()
+                    try:
+                        engine.step()
+                    except Exception as exc:  # an engine bug: fail the requests in flight, keep serving new ones
+                        logger.exception("engine step failed; failing the requests in flight")
+                        for rid in list(engine._requests):
+                            engine._fail(rid, exc)
         except BaseException as exc:  # pragma: no cover - defensive: report to every waiter
             logger.exception("engine loop died")
             self._dead = exc
@@ -107,20 +119,20 @@ class EngineLoop:
         try:
             self.engine.add_request(prepared, sink)
         except Exception as exc:  # this request fails alone
-            sink(exc)
+            _deliver(sink, exc)
         return True
 
     def _fail_all(self, exc: BaseException) -> None:
         for rid in list(self.engine._requests):
             req = self.engine._requests.pop(rid)
-            req.sink(exc)
+            _deliver(req.sink, exc)
         while True:
             try:
                 kind, arg, sink = self._commands.get_nowait()
             except queue.Empty:
                 break
             if kind == "add":
-                sink(exc)
+                _deliver(sink, exc)
 
 
 _engines: dict[tuple[str, str, str], EngineLoop] = {}
@@ -136,10 +148,10 @@ def get_engine_loop(model: str, device: str | torch.device | None = None, dtype:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
-    path = resolve_model_dir(model)
-    resolved_dtype = parse_dtype(dtype, XGenMMConfig.from_pretrained(path), dev)
-    key = (str(path.resolve()), str(dev), str(resolved_dtype))
-    with _engines_lock:
+    with _engines_lock:  # also serialises first-time imports / config reads of concurrent first callers
+        path = resolve_model_dir(model)
+        resolved_dtype = parse_dtype(dtype, XGenMMConfig.from_pretrained(path), dev)
+        key = (str(path.resolve()), str(dev), str(resolved_dtype))
         loop = _engines.get(key)
         if loop is not None and loop.is_alive and not loop._stopped:
             if options:

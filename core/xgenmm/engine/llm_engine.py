@@ -100,6 +100,14 @@ class _Request:
         return not self.pending and all(s.finish_reason is not None for s in self.samples)
 
 
+def _deliver(sink: Callable[[RequestOutput | BaseException], None], item: RequestOutput | BaseException) -> None:
+    """Hand an output to its caller. A caller that went away (closed event loop, ...) must not break the engine."""
+    try:
+        sink(item)
+    except Exception:  # noqa: BLE001 - the consumer is gone; every other request goes on
+        logger.debug("dropping an output for a consumer that went away", exc_info=True)
+
+
 @dataclass
 class EngineStats:
     num_running: int
@@ -407,7 +415,7 @@ class LLMEngine:
             return
         self.scheduler.abort(request_id)
         self._counters["failed"] += 1
-        req.sink(exc)
+        _deliver(req.sink, exc)
 
     def _emit(self, req: _Request, force: bool = False) -> None:
         kind = req.prepared.params.output_kind
@@ -443,7 +451,7 @@ class LLMEngine:
         if finished:
             self._requests.pop(p.request_id, None)
             self._counters["finished"] += 1
-        req.sink(result)
+        _deliver(req.sink, result)
 
     # ---- observability -------------------------------------------------------------------------------------------
     def stats(self) -> EngineStats:
