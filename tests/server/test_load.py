@@ -118,6 +118,8 @@ def test_64_streaming_clients_some_hanging_up(server, server_llm, image_data_url
     bm = engine.block_manager
     caplog.set_level(logging.WARNING)
     rss = []
+    gc.collect()
+    baseline_objects = engine_request_objects()  # other tests in this process may still hold some of their own
     for _ in range(3):  # a warm-up wave, then two identical measured ones
         results, peak, generated = run_wave(server, image_data_url, engine)
         stayed = [r for r in results if not r["hung_up"]]
@@ -131,7 +133,7 @@ def test_64_streaming_clients_some_hanging_up(server, server_llm, image_data_url
         assert bm.num_free_blocks == bm.num_total_blocks, "KV blocks leaked"
         bm.check_invariants()
         gc.collect()
-        assert engine_request_objects() == 0, "per-request engine state survived the wave"
+        assert engine_request_objects() <= baseline_objects, "per-request engine state survived the wave"
         rss.append(rss_bytes())
 
     metrics = httpx.get(server.base_url + "/metrics").text
