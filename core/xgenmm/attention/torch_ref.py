@@ -6,6 +6,8 @@ Pure-decode steps are batched into one padded SDPA call; steps with prefill chun
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -16,6 +18,22 @@ def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int,
     num_blocks = (length + block_size - 1) // block_size
     blocks = cache.index_select(0, block_table[:num_blocks].long())  # [nb, bs, Hkv, D]
     return blocks.reshape(-1, cache.shape[2], cache.shape[3])[:length]  # [L, Hkv, D]
+
+
+_WORKSPACES = threading.local()  # per thread: each engine loop runs its model on its own thread
+
+
+def _workspace(cache: torch.Tensor, which: int, num_blocks: int) -> torch.Tensor:
+    """A reusable [num_blocks, block_size, Hkv, D] buffer per (thread, device, dtype, block shape); grows as needed."""
+    if not hasattr(_WORKSPACES, "buffers"):
+        _WORKSPACES.buffers = {}
+    key = (cache.device, cache.dtype, tuple(cache.shape[1:]), which)
+    buf = _WORKSPACES.buffers.get(key)
+    if buf is None or buf.shape[0] < num_blocks:
+        buf = torch.empty((max(num_blocks, 2 * (buf.shape[0] if buf is not None else 0)), *cache.shape[1:]),
+                          dtype=cache.dtype, device=cache.device)
+        _WORKSPACES.buffers[key] = buf
+    return buf[:num_blocks]
 
 
 def _causal_mask(q_len: int, kv_len: int, context_len: int, window: int | None, device) -> torch.Tensor:
@@ -66,9 +84,11 @@ class TorchReferenceBackend:
         max_len = max(seq_lens)
         bs = meta.block_size
         nb = (max_len + bs - 1) // bs
-        tables = meta.block_tables[:, :nb].long()  # [B, nb]
-        keys = k_cache[tables].reshape(bsz, nb * bs, k_cache.shape[2], k_cache.shape[3])[:, :max_len]
-        values = v_cache[tables].reshape(bsz, nb * bs, v_cache.shape[2], v_cache.shape[3])[:, :max_len]
+        index = meta.block_tables[:, :nb].reshape(-1).long()  # [B * nb]
+        shape = (bsz, nb * bs, k_cache.shape[2], k_cache.shape[3])
+        # Gather into reused workspaces: a fresh 10-100 MB tensor per layer costs more in page faults than the copy.
+        keys = torch.index_select(k_cache, 0, index, out=_workspace(k_cache, 0, index.numel())).view(shape)[:, :max_len]
+        values = torch.index_select(v_cache, 0, index, out=_workspace(v_cache, 1, index.numel())).view(shape)[:, :max_len]
         if group > 1:
             keys = keys.repeat_interleave(group, dim=2)
             values = values.repeat_interleave(group, dim=2)
