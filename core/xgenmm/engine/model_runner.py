@@ -3,17 +3,33 @@
 It owns the paged KV cache tensors. Nothing here decides *what* runs (the scheduler does) or *what* is sampled
 (the sampler does): the runner only builds tensors, including the image rows to splice over placeholder positions
 for whichever part of an image falls inside this step's chunk.
+
+On CUDA with a capturable attention backend (Triton), pure-decode steps are padded to a bucket and replayed as CUDA
+graphs captured at startup (`cuda_graphs.py`); every other step, and everything on CPU, runs eagerly as before.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from ..attention import AttentionBackend, AttentionMetadata, allocate_kv_caches, get_attention_backend
 from ..attention.base import kv_cache_bytes_per_block
+from .cuda_graphs import (
+    DecodeBuffers,
+    DecodeGraphs,
+    StaticDecodeBatch,
+    bucket_for,
+    cuda_graph_blocker,
+    decode_buckets,
+    decode_step_blocker,
+)
 from .sequence import Sequence
+from .vision_stream import PendingImageEmbeds, VisionStream
+
+logger = logging.getLogger("xgenmm.engine")
 
 
 @dataclass
@@ -47,11 +63,17 @@ def num_kv_blocks_for_budget(model, block_size: int, dtype: torch.dtype, device:
 
 
 class ModelRunner:
+    """`cuda_graphs`: None = on when the device is CUDA and the backend is capturable (False = `enforce_eager`);
+    graphs cover decode batches up to `max_num_seqs` (default 256, the engine's CUDA default) and contexts up to
+    `max_model_len` (default: the model's); `capture_cuda_graphs_at_startup=False` captures each bucket lazily."""
+
     def __init__(self, model, device: torch.device, dtype: torch.dtype, block_size: int, num_blocks: int,
-                 attention_backend: str | AttentionBackend | None = None):
+                 attention_backend: str | AttentionBackend | None = None, *, max_num_seqs: int | None = None,
+                 max_model_len: int | None = None, cuda_graphs: bool | None = None,
+                 capture_cuda_graphs_at_startup: bool = True):
         cfg = model.config.text
         self.model = model
-        self.device = device
+        self.device = device = torch.device(device)
         self.dtype = dtype
         self.block_size = block_size
         self.num_blocks = num_blocks
@@ -61,14 +83,85 @@ class ModelRunner:
         self.backend = attention_backend
         self.kv_caches = allocate_kv_caches(cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads,
                                             cfg.head_dim, dtype, device)
+        self.max_num_seqs = max_num_seqs or 256
+        self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.max_blocks_per_seq = -(-self.max_model_len // block_size)
+        self.vision_stream = VisionStream(device)
+        self.decode_graphs: DecodeGraphs | None = None
+        self.cuda_graphs_disabled_reason = cuda_graph_blocker(enabled=cuda_graphs is not False, device=device,
+                                                              backend=self.backend)
+        if self.cuda_graphs_disabled_reason is None:
+            self._setup_cuda_graphs(capture_cuda_graphs_at_startup)
+
+    def _setup_cuda_graphs(self, capture_now: bool) -> None:
+        buckets = decode_buckets(self.max_num_seqs)
+        buffers = DecodeBuffers(buckets[-1], self.max_blocks_per_seq, self.block_size, self.device)
+        self.decode_graphs = DecodeGraphs(self._decode_forward, buffers, buckets, self.max_model_len,
+                                          self.model.vocab_size)
+        if not capture_now:
+            return
+        try:
+            with torch.inference_mode():
+                self.decode_graphs.capture_all()
+            stats = self.decode_graphs.stats
+            logger.info("captured %d decode CUDA graphs (batch %d..%d) in %.1f s", len(stats.captured), buckets[0],
+                        buckets[-1], stats.capture_seconds)
+        except Exception as exc:  # keep serving eagerly rather than not at all
+            logger.exception("CUDA graph capture failed; decode runs eagerly")
+            self.disable_cuda_graphs(f"capture failed: {type(exc).__name__}: {exc}")
+
+    def disable_cuda_graphs(self, reason: str = "disabled") -> None:
+        """Run every later step eagerly (e.g. to measure the eager path on the same engine)."""
+        self.decode_graphs = None
+        self.cuda_graphs_disabled_reason = reason
+
+    def cuda_graph_stats(self) -> dict:
+        """Whether decode steps replay CUDA graphs, which buckets are captured, how many steps replayed / ran eager."""
+        g = self.decode_graphs
+        if g is None:
+            return {"enabled": False, "reason": self.cuda_graphs_disabled_reason}
+        return {"enabled": True, "buckets": list(g.buckets), "captured": sorted(g.stats.captured),
+                "replays": g.stats.replays, "capture_seconds": round(g.stats.capture_seconds, 3),
+                "eager_steps": dict(g.stats.eager_steps)}
 
     @property
     def kv_cache_bytes(self) -> int:
         k, _ = self.kv_caches[0]
         return 2 * len(self.kv_caches) * k.numel() * k.element_size()
 
-    def build_batch(self, scheduled: list[tuple[Sequence, int]], image_embeds: dict[int, list[torch.Tensor]]) -> StepBatch:
-        """scheduled: (sequence, number of new tokens) pairs; image_embeds: seq_id -> vision tokens per image."""
+    def build_batch(self, scheduled: list[tuple[Sequence, int]],
+                    image_embeds: dict[int, list[torch.Tensor]]) -> StepBatch | StaticDecodeBatch:
+        """scheduled: (sequence, number of new tokens) pairs; image_embeds: seq_id -> vision tokens per image.
+
+        A pure-decode step that a captured CUDA graph can serve comes back as a `StaticDecodeBatch`."""
+        graphs = self.decode_graphs
+        if graphs is not None:
+            reason = decode_step_blocker(scheduled, graphs.buffers.max_batch, graphs.buffers.max_blocks)
+            if reason is None:
+                return graphs.buffers.load(scheduled, bucket_for(len(scheduled), graphs.buckets))
+            graphs.stats.eager_steps[reason] += 1
+        return self._build_eager_batch(scheduled, image_embeds)
+
+    def build_static_decode_batch(self, scheduled: list[tuple[Sequence, int]], bucket: int | None = None,
+                                  max_batch: int | None = None) -> StaticDecodeBatch:
+        """The padded static form of a pure-decode step on any device (what a CUDA graph replays; on CPU it runs
+        eagerly through the attention backend, which is how the padding is tested)."""
+        reason = decode_step_blocker(scheduled, max_batch or self.max_num_seqs, self.max_blocks_per_seq)
+        if reason is not None:
+            raise ValueError(f"not a static decode step: {reason}")
+        if self.decode_graphs is not None:
+            buffers, buckets = self.decode_graphs.buffers, self.decode_graphs.buckets
+        else:
+            size = max_batch or self.max_num_seqs
+            buffers = getattr(self, "_eager_decode_buffers", None)
+            if buffers is None or buffers.max_batch < size:
+                buffers = DecodeBuffers(size, self.max_blocks_per_seq, self.block_size, self.device)
+                self._eager_decode_buffers = buffers
+            buckets = decode_buckets(buffers.max_batch)
+        return buffers.load(scheduled, bucket or bucket_for(len(scheduled), buckets))
+
+    def _build_eager_batch(self, scheduled: list[tuple[Sequence, int]],
+                           image_embeds: dict[int, list[torch.Tensor]]) -> StepBatch:
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -136,16 +229,41 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute(self, batch: StepBatch) -> torch.Tensor:
+    def execute(self, batch: StepBatch | StaticDecodeBatch) -> torch.Tensor:
         """Run one step; returns float32 logits [len(batch.sample_seqs), vocab]."""
         from ..model.xgenmm import fuse_embeddings
 
+        if isinstance(batch, StaticDecodeBatch):
+            if self.decode_graphs is not None and batch.meta.block_tables.device.type == "cuda":
+                logits = self.decode_graphs.replay(batch)
+            else:
+                logits = self._decode_forward(batch.input_ids, batch.positions, batch.meta)
+            return self._select_rows(logits, batch)
         embeds = fuse_embeddings(self.model, batch.input_ids, batch.image_rows, batch.image_embeds)
         hidden = self.model.forward_hidden(embeds, batch.positions, batch.meta, self.kv_caches, self.backend)
         if batch.logits_rows.numel() == 0:
             return hidden.new_empty(0, self.model.vocab_size, dtype=torch.float32)
         return self.model.compute_logits(hidden.index_select(0, batch.logits_rows))
 
+    def _decode_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Embedding -> decoder -> LM head over every row of a padded decode batch (what a CUDA graph holds)."""
+        hidden = self.model.forward_hidden(self.model.embed_tokens(input_ids), positions, meta, self.kv_caches,
+                                           self.backend)  # fmt: skip
+        return self.model.compute_logits(hidden)
+
+    def _select_rows(self, logits: torch.Tensor, batch: StaticDecodeBatch) -> torch.Tensor:
+        rows = batch.logits_rows
+        if len(rows) == batch.num_seqs:  # every sequence samples: rows 0..n-1, no index tensor needed
+            return logits[: batch.num_seqs]
+        if not rows:
+            return logits.new_empty(0, logits.shape[1])
+        return logits.index_select(0, torch.tensor(rows, dtype=torch.int64).to(logits.device, non_blocking=True))
+
     @torch.inference_mode()
     def encode_images(self, images) -> list[torch.Tensor]:
         return self.model.encode_images(images)
+
+    def encode_images_async(self, images) -> PendingImageEmbeds:
+        """Start encoding on the vision side stream (CUDA) so it overlaps the decode steps queued after it; on CPU
+        it encodes now. `.result()` makes the caller's stream wait for it and returns the tokens per image."""
+        return self.vision_stream.submit(self.encode_images, images)
