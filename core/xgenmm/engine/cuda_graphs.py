@@ -19,7 +19,6 @@ staging) and `StaticDecodeBatch` (padded metadata over them). CUDA-only: `Decode
 from __future__ import annotations
 
 import bisect
-import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -30,8 +29,6 @@ import torch
 
 from ..attention.base import AttentionMetadata
 from .sequence import Sequence
-
-logger = logging.getLogger("xgenmm.engine")
 
 # Backends whose forward has fixed launch shapes for padded decode metadata and never syncs with the host.
 CAPTURABLE_BACKENDS = frozenset({"triton"})
