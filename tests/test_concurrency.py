@@ -72,18 +72,24 @@ def test_64_threads_some_cancelled(loop, reference):
 def test_64_asyncio_tasks_some_cancelled(loop, reference):
     allm = AsyncLLM.from_engine_loop(loop)
 
+    # The long ones (every fourth) are cancelled midway: once each has streamed its first output, far from its
+    # max_tokens, so the cancel always lands while the request is still running (a fixed sleep raced a fast CI run).
+    started = {i: asyncio.Event() for i in range(0, 64, 4)}
+
     async def one(i: int) -> list[int]:
         tokens: list[int] = []
-        params = SamplingParams(temperature=0.0, max_tokens=6 if i % 4 else 300, ignore_eos=True,
+        params = SamplingParams(temperature=0.0, max_tokens=6 if i % 4 else 1500, ignore_eos=True,
                                 output_kind=RequestOutputKind.DELTA)
         async for out in allm.generate(_prompt(i), params):
             tokens.extend(out.outputs[0].token_ids)
+            if i in started:
+                started[i].set()
         return tokens
 
     async def main():
         tasks = [asyncio.create_task(one(i)) for i in range(64)]
-        await asyncio.sleep(0.5)
-        for i in range(0, 64, 4):  # the long ones: cancel them midway
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started.values())), timeout=120)
+        for i in started:
             tasks[i].cancel()
         return await asyncio.gather(*tasks, return_exceptions=True)
 
