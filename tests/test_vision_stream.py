@@ -61,3 +61,56 @@ def test_vision_stream_on_cpu_runs_the_callable_once_at_submit():
     assert calls == [[1, 2]]
     assert [t[0, 0].item() for t in pending.result()] == [1.0, 2.0]
     assert calls == [[1, 2]]
+
+
+def test_engine_prefetches_waiting_images_and_tokens_do_not_change(tiny_checkpoint):
+    """`prefetch_images=True` (the CUDA default; forced here on CPU, where the side stream encodes at submit time):
+    with two running sequences at most, the images of waiting requests are encoded ahead through
+    `encode_images_async`, each distinct image exactly once, and greedy tokens equal the engine without prefetch."""
+    from xgenmm import LLM, SamplingParams
+    from xgenmm.engine.engine_loop import create_engine_loop
+
+    rng = np.random.default_rng(1)
+    pictures = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+                for w, h in [(500, 300), (300, 700), (384, 384), (640, 480), (200, 200)]]
+    prompts = [{"prompt": f"<|user|>\n<image>\nWhat is in picture {i}?<|end|>\n<|assistant|>\n",
+                "multi_modal_data": {"image": pictures[i % len(pictures)]}} for i in range(8)]  # 3 repeat an image
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+    results = {}
+    for prefetch in (False, True):
+        loop = create_engine_loop(str(tiny_checkpoint), "cpu", "float32", max_num_seqs=2, prefetch_images=prefetch,
+                                  enable_prefix_caching=False, enforce_eager=not prefetch)
+        try:
+            engine = loop.engine
+            assert engine.prefetch_images is prefetch
+            runner = engine.runner
+            # the engine's limits reach the runner (they size the CUDA graph buckets); enforce_eager turns graphs off
+            assert runner.max_num_seqs == 2 and runner.max_model_len == engine.max_model_len
+            assert runner.cuda_graphs_disabled_reason == ("CUDA graphs disabled" if not prefetch else "not on CUDA")
+            encoded_sync, encoded_ahead = [], []
+            encode, encode_async = runner.encode_images, runner.encode_images_async
+
+            def counting_encode(images, _encode=encode, _log=encoded_sync):
+                _log.extend(img.content_hash for img in images)
+                return _encode(images)
+
+            def counting_async(images, _encode_async=encode_async, _log=encoded_ahead):
+                _log.extend(img.content_hash for img in images)
+                return _encode_async(images)
+
+            runner.encode_images_async = counting_async
+            runner.encode_images = counting_encode  # the async path calls this too (after logging ahead)
+            outs = LLM.from_engine_loop(loop).generate(prompts, params)
+            results[prefetch] = [o.outputs[0].token_ids for o in outs]
+            # every distinct picture reached the vision tower exactly once
+            assert sorted(set(encoded_sync)) == sorted(encoded_sync) and len(encoded_sync) == len(pictures)
+            if prefetch:
+                assert len(encoded_ahead) >= 3, "waiting requests' images were not encoded ahead"
+                assert not engine._prefetching  # every prefetched encoding was consumed
+            else:
+                assert encoded_ahead == []
+            assert engine.block_manager.num_free_blocks == engine.block_manager.num_total_blocks
+        finally:
+            loop.shutdown()
+    assert results[True] == results[False]

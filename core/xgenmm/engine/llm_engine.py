@@ -26,6 +26,7 @@ from ..tokenizer import load_tokenizer
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner, num_kv_blocks_for_budget
+from .vision_stream import PendingImageEmbeds
 from .sampler import Sampler, SamplingState
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
@@ -50,6 +51,9 @@ class EngineConfig:
     image_policy: ImageInputPolicy = field(default_factory=ImageInputPolicy)
     seed: int = 0  # process generator for unseeded sampling
     max_images_per_prompt: int = 32
+    enforce_eager: bool = False  # CUDA: never capture / replay decode CUDA graphs (debugging, profiling)
+    prefetch_images: bool | None = None  # encode waiting requests' images ahead on a side stream (None: on CUDA)
+    prefetch_image_patches: int = 64  # at most this many image patches encoding ahead at once
 
     @classmethod
     def from_options(cls, **options: Any) -> EngineConfig:
@@ -145,11 +149,15 @@ class LLMEngine:
         self.max_num_batched_tokens = cfg.max_num_batched_tokens or (8192 if gpu else 2048)
         num_blocks = num_kv_blocks_for_budget(self.model, cfg.block_size, self.dtype, device, cfg.kv_cache_memory_bytes,
                                               cfg.gpu_memory_utilization)
-        self.runner = ModelRunner(self.model, device, self.dtype, cfg.block_size, num_blocks, cfg.attention_backend)
+        self.runner = ModelRunner(self.model, device, self.dtype, cfg.block_size, num_blocks, cfg.attention_backend,
+                                  max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
+                                  cuda_graphs=False if cfg.enforce_eager else None)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len)
         self.vision_cache = VisionCache(cfg.vision_cache_bytes)
         self.vision_patch_group = 64 if gpu else 5  # patches per vision-encoder call
+        self.prefetch_images = gpu if cfg.prefetch_images is None else cfg.prefetch_images
+        self._prefetching: dict[str, tuple[PendingImageEmbeds, int, int]] = {}  # hash -> (group, index, patches)
         self.process_generator = torch.Generator(device=device).manual_seed(cfg.seed)
         self.sampler = Sampler(self.process_generator)
         self.eos_token_ids = (END_TOKEN_ID, ENDOFTEXT_TOKEN_ID)
@@ -304,6 +312,8 @@ class LLMEngine:
                 for rid in {s.seq.request_id for s in out.scheduled}:
                     self._fail(rid, exc)
                 return
+            if self.prefetch_images:  # the step is queued on the device: encode what comes next beside it
+                self._prefetch_waiting_images()
             for s in out.scheduled:
                 req = self._requests.get(s.seq.request_id)
                 if req is not None and req.metrics.first_scheduled_time is None:
@@ -333,17 +343,27 @@ class LLMEngine:
         return next(s for s in req.samples if s.seq is seq)
 
     def _image_embeds_for(self, seqs: list[Sequence]) -> dict[int, list[torch.Tensor]]:
-        """Vision tokens for every scheduled sequence that has images (encoded once per request, cached by hash)."""
+        """Vision tokens for every scheduled sequence that has images (encoded once per request, cached by hash;
+        `fresh` holds this step's tokens by hash, so a cache eviction in between cannot lose one)."""
         need: list[_Request] = []
         for seq in seqs:
             req = self._requests[seq.request_id]
             if seq.image_spans and req.image_embeds is None and req not in need:
                 need.append(req)
         todo: dict[str, ProcessedImage] = {}
+        fresh: dict[str, torch.Tensor] = {}
         for req in need:
             for img in req.prepared.images:
-                if self.vision_cache.get(img.content_hash) is None:
-                    todo.setdefault(img.content_hash, img)
+                h = img.content_hash
+                if h in fresh or h in todo:
+                    continue
+                if (cached := self.vision_cache.get(h)) is not None:
+                    fresh[h] = cached
+                elif h in self._prefetching:  # encoded ahead on the side stream: wait for it on this stream
+                    fresh[h] = self._take_prefetched(h)
+                    self.vision_cache.put(h, fresh[h])
+                else:
+                    todo[h] = img
         if todo:
             # Encode in groups of a few patches: one huge batch of every image's patches is slower on a CPU (the
             # perceiver's [patches, 857, 2 * 1536] intermediates fall out of cache) and no faster on a GPU.
@@ -357,15 +377,51 @@ class LLMEngine:
                     group, patches = [], 0
             if group:
                 encoded += self.runner.encode_images(group)
-            fresh = dict(zip(todo, encoded))
-            for h, tokens in fresh.items():
+            for h, tokens in zip(todo, encoded):
+                fresh[h] = tokens
                 self.vision_cache.put(h, tokens)
-        else:
-            fresh = {}
         for req in need:
-            req.image_embeds = [fresh.get(img.content_hash) if img.content_hash in fresh else self.vision_cache.get(img.content_hash)
-                                for img in req.prepared.images]
+            req.image_embeds = [fresh[img.content_hash] for img in req.prepared.images]
         return {seq.seq_id: self._requests[seq.request_id].image_embeds for seq in seqs if seq.image_spans}
+
+    def _prefetch_waiting_images(self) -> None:
+        """Start encoding the uncached images of the requests at the head of the waiting queue on the vision side
+        stream (`ModelRunner.encode_images_async`), so on a GPU they encode while this step's prefill and decodes
+        run instead of serially in front of the step that admits them. Bounded by `prefetch_image_patches`
+        encoding ahead at once. A failure here only logs: the images are encoded again when their request is
+        scheduled, and fail that request alone if they really are bad."""
+        try:
+            waiting = [req for seq in self.scheduler.waiting
+                       if seq.image_spans and (req := self._requests.get(seq.request_id)) is not None
+                       and req.image_embeds is None]
+            wanted = {img.content_hash for req in waiting for img in req.prepared.images}
+            # Encodings nobody waits for any more (their request was aborted) go to the vision cache, freeing budget.
+            for h in [h for h, (pending, _, _) in self._prefetching.items() if h not in wanted and pending.ready()]:
+                self.vision_cache.put(h, self._take_prefetched(h))
+            budget = self.config.prefetch_image_patches - sum(p for _, _, p in self._prefetching.values())
+            group: dict[str, ProcessedImage] = {}
+            for req in waiting:
+                for img in req.prepared.images:
+                    h = img.content_hash
+                    if h in group or h in self._prefetching or h in self.vision_cache:
+                        continue
+                    if img.num_patches > budget:
+                        budget = 0
+                        break
+                    group[h] = img
+                    budget -= img.num_patches
+                if budget <= 0:
+                    break
+            if group:
+                pending = self.runner.encode_images_async(list(group.values()))
+                for i, (h, img) in enumerate(group.items()):
+                    self._prefetching[h] = (pending, i, img.num_patches)
+        except Exception:  # noqa: BLE001 - prefetching is an optimisation; the normal path still encodes
+            logger.warning("image prefetch failed; images will be encoded when scheduled", exc_info=True)
+
+    def _take_prefetched(self, content_hash: str) -> torch.Tensor:
+        pending, index, _ = self._prefetching.pop(content_hash)
+        return pending.result()[index]
 
     def _append(self, seq: Sequence, st: _SampleState, token: int, logprobs, grammar_error: str | None = None) -> None:
         req = self._requests[seq.request_id]

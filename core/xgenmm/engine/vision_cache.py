@@ -38,6 +38,9 @@ class VisionCache:
         self._entries[content_hash] = tokens
         self.num_bytes += size
 
+    def __contains__(self, content_hash: str) -> bool:  # no hit / miss counted, no LRU touch
+        return content_hash in self._entries
+
     def __len__(self) -> int:
         return len(self._entries)
 
