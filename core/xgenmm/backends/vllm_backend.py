@@ -298,6 +298,12 @@ class VllmEngineLoop:
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=60)
 
+    def check_alive(self) -> None:
+        """Raise EngineDeadError if the loop thread is gone (waiters poll this instead of blocking forever)."""
+        if self._dead is not None or not self._thread.is_alive():
+            raise EngineDeadError(f"the vLLM engine loop stopped: {self._dead!r}" if self._dead
+                                  else "the vLLM engine was shut down")
+
     @property
     def is_alive(self) -> bool:
         return self._thread.is_alive()
