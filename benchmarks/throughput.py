@@ -92,7 +92,7 @@ def run_engine(model_dir: str, requests: list[dict], max_tokens: int, options: d
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     ttft = [o.metrics.time_to_first_token for o in outs]
     result = dict(wall_s=wall, output_tokens=tokens, output_tok_s=tokens / wall, ttft_p50_s=pct(ttft, 50),
-                  ttft_p99_s=pct(ttft, 99), peak_rss_mib=peak_rss_mib(),
+                  ttft_p99_s=pct(ttft, 99), peak_rss_mib=peak_rss_mib(), linear_kernel=loop.engine.model.linear_kernel,
                   token_ids=[o.outputs[0].token_ids for o in outs])
 
     # Prefix + vision cache: one image question cold, then the same again, then the same image with a new question.
@@ -143,7 +143,9 @@ def run_baseline(model_dir: str, requests: list[dict], max_tokens: int, batch_si
     from xgenmm.reference import build_hf_language_model
     from xgenmm.tokenizer import load_tokenizer
 
-    model = load_model(model_dir, "cpu", "float32")
+    # ATen linears, as transformers' modules (and upstream's vision code) run them; the engine's oneDNN linears are
+    # one of its own optimisations (engine option linear_kernel, --engine-linear-kernel torch to compare without).
+    model = load_model(model_dir, "cpu", "float32", linear_kernel="torch")
     tokenizer = load_tokenizer(model_dir)
     processor = ImageProcessor.from_pretrained(model_dir)
     hf = build_hf_language_model(model)
@@ -166,7 +168,8 @@ def run_baseline(model_dir: str, requests: list[dict], max_tokens: int, batch_si
             token_ids.append(out[0].tolist())
     wall = time.perf_counter() - t0
     tokens = sum(len(t) for t in token_ids)
-    result = dict(sequential=dict(wall_s=wall, output_tokens=tokens, output_tok_s=tokens / wall, ttft_p50_s=pct(ttft, 50),
+    result = dict(linear_kernel=model.linear_kernel,
+                  sequential=dict(wall_s=wall, output_tokens=tokens, output_tok_s=tokens / wall, ttft_p50_s=pct(ttft, 50),
                                   ttft_p99_s=pct(ttft, 99), peak_rss_mib=peak_rss_mib()), token_ids=token_ids)
     padded = {}
     with torch.inference_mode():
@@ -200,6 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--batch-sizes", default="4,8,16")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "throughput-cpu.json"))
+    ap.add_argument("--engine-linear-kernel", default="auto", choices=["auto", "torch"],
+                    help="the engine's linear layers: oneDNN on CPU (auto) or ATen like the baseline (torch)")
     ap.add_argument("--quick", action="store_true", help="tiny preset, 4 requests, 8 tokens (smoke test)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -217,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
     requests = make_requests(args.num_requests)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
 
-    engine = run_engine(model_dir, requests, args.max_tokens, {})
+    engine = run_engine(model_dir, requests, args.max_tokens, {"linear_kernel": args.engine_linear_kernel})
     baseline = run_baseline(model_dir, requests, args.max_tokens, batch_sizes)
     agree = sum(a == b for a, b in zip(engine.pop("token_ids"), baseline.pop("token_ids")))
     seq = baseline["sequential"]

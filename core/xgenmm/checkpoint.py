@@ -188,9 +188,17 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
     vision_attn_implementation: str = "sdpa",
+    linear_kernel: str = "auto",
 ):
-    """Build `XGenMMForConditionalGeneration` from a checkpoint directory (or HF id) alone and load its weights."""
+    """Build `XGenMMForConditionalGeneration` from a checkpoint directory (or HF id) alone and load its weights.
+
+    `linear_kernel`: "auto" runs linear layers on oneDNN for float32 on CPU (`model/cpu_linear.py`) and ATen
+    elsewhere; "torch" always uses ATen's `F.linear` (what upstream's transformers code runs)."""
+    from .model.cpu_linear import onednn_linear_available
     from .model.xgenmm import XGenMMForConditionalGeneration
+
+    if linear_kernel not in ("auto", "torch"):
+        raise ValueError(f"linear_kernel must be 'auto' or 'torch', got {linear_kernel!r}")
 
     checkpoint_dir = resolve_model_dir(model)
     config = XGenMMConfig.from_pretrained(checkpoint_dir)
@@ -202,5 +210,7 @@ def load_model(
     net.reset_buffers()
     load_checkpoint_into(net, checkpoint_dir, device, torch_dtype)
     net.eval().requires_grad_(False)
+    if linear_kernel == "auto" and onednn_linear_available(device, torch_dtype):
+        net.use_onednn_linears()
     net.checkpoint_dir = checkpoint_dir
     return net

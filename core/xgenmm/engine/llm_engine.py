@@ -51,6 +51,7 @@ class EngineConfig:
     image_policy: ImageInputPolicy = field(default_factory=ImageInputPolicy)
     seed: int = 0  # process generator for unseeded sampling
     max_images_per_prompt: int = 32
+    linear_kernel: str = "auto"  # "auto": oneDNN linears for float32 on CPU (model/cpu_linear.py); "torch": ATen
     enforce_eager: bool = False  # CUDA: never capture / replay decode CUDA graphs (debugging, profiling)
     prefetch_images: bool | None = None  # encode waiting requests' images ahead on a side stream (None: on CUDA)
     prefetch_image_patches: int = 64  # at most this many image patches encoding ahead at once
@@ -133,7 +134,7 @@ class LLMEngine:
                  **options: Any):
         self.config = EngineConfig.from_options(**options)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = load_model(model, device=device, dtype=dtype)
+        self.model = load_model(model, device=device, dtype=dtype, linear_kernel=self.config.linear_kernel)
         self.device = device
         self.dtype = next(self.model.parameters()).dtype
         self.model_name = str(model)

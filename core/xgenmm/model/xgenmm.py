@@ -14,6 +14,7 @@ from torch import nn
 
 from ..attention.base import AttentionBackend, AttentionMetadata, KVCache
 from ..config import XGenMMConfig
+from .cpu_linear import onednn_linear, use_onednn_linears
 from .phi3 import Phi3Decoder
 from .vision import VisionEncoder
 
@@ -29,6 +30,12 @@ class XGenMMForConditionalGeneration(nn.Module):
         self.embed_weight = nn.Parameter(torch.empty(vocab, text.hidden_size))
         self.lm_head_weight = nn.Parameter(torch.empty(vocab, text.hidden_size))
         self.lm_head_bias = nn.Parameter(torch.empty(vocab))
+        self.linear_kernel = "torch"  # "onednn" once `use_onednn_linears` switched the model (CPU float32)
+
+    def use_onednn_linears(self) -> int:
+        """Run every linear layer and the LM head on oneDNN (see `cpu_linear.py`); returns the layers switched."""
+        self.linear_kernel = "onednn"
+        return use_onednn_linears(self)
 
     @property
     def vocab_size(self) -> int:
@@ -59,6 +66,8 @@ class XGenMMForConditionalGeneration(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, 32015] float32 logits (decoupled head, with its bias)."""
+        if self.linear_kernel == "onednn":
+            return onednn_linear(hidden, self.lm_head_weight, self.lm_head_bias).float()
         return F.linear(hidden, self.lm_head_weight, self.lm_head_bias).float()
 
 
