@@ -7,7 +7,7 @@ shapes, and never slower (`benchmarks/cpu_linear.py`). It is the same float32 ma
 differs (rounding-level differences, ~1e-7 relative), and the fixture and transformers parity tests run on it.
 
 `use_onednn_linears(model)` switches every `nn.Linear` of a loaded model (parameters untouched, so state dicts and
-weight tying are unaffected); `linear(x, w, b)` is the functional form for the LM head.
+weight tying are unaffected); `onednn_linear(x, w, b)` is the functional form, used for the LM head.
 """
 
 from __future__ import annotations
