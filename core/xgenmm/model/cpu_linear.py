@@ -1,9 +1,9 @@
 """Linear layers on oneDNN on CPU (float32), the GEMM that torch.compile's CPU backend and vLLM's CPU backend use.
 
 Why: eager `F.linear` on CPU goes through a plain sgemm that is slow for the skinny matrices of decoding. On the
-2-core CI CPUs `torch.ops.mkldnn._linear_pointwise` is ~1.9x faster for the LM head at decode batch sizes
-(16 x 384 x 32015: 8.6 -> 4.6 ms), ~2.8x for a full-size gate_up at batch 16 and 1.1-1.6x on the perceiver / SigLIP
-shapes, and never slower (`benchmarks/cpu_linear.py`). It is the same float32 math; only the summation order
+2-core CI CPUs `torch.ops.mkldnn._linear_pointwise` is 1.7x faster for the LM head at decode batch 16
+(16 x 384 x 32015: 7.5 -> 4.3 ms; 2.5x at batch 1), 2.7x for a full-size gate_up at batch 16, 1.04-1.2x on the
+prefill / perceiver / SigLIP shapes, and never slower (`benchmarks/cpu_linear.py`, results/cpu_linear.json). It is the same float32 math; only the summation order
 differs (rounding-level differences, ~1e-7 relative), and the fixture and transformers parity tests run on it.
 
 `use_onednn_linears(model)` switches every `nn.Linear` of a loaded model (parameters untouched, so state dicts and
