@@ -55,7 +55,9 @@ def test_default_system_and_generation_prompt(renderer, tok):
     assert isinstance(r, RenderedPrompt)
     assert r.text == f"{SYS}<|user|>\nWhat is this?<|end|>\n<|assistant|>\n"
     assert r.prompt_token_ids == tok(r.text, add_special_tokens=False).input_ids
-    assert r.prompt_token_ids[0] == 32006 and r.prompt_token_ids[-2:] == [32007, 32001]
+    # Upstream's slow tokenizer puts "▁" in front of the prompt and keeps it before <|system|> (not a special token).
+    assert r.prompt_token_ids[:2] == [tok.convert_tokens_to_ids("\u2581"), 32006]
+    assert r.prompt_token_ids[-2:] == [32007, 32001]
     assert 1 not in r.prompt_token_ids and r.images == []
 
 

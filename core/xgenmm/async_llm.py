@@ -50,11 +50,13 @@ class AsyncLLM:
 
     async def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None,
                    request_id: str | None = None, tools: list[dict] | None = None, add_generation_prompt: bool = True,
-                   image_policy: ImageInputPolicy | None = None) -> AsyncIterator[RequestOutput]:
+                   image_policy: ImageInputPolicy | None = None,
+                   continue_final_message: bool = False) -> AsyncIterator[RequestOutput]:
         policy = image_policy or self._loop.engine.config.image_policy
         renderer = self._loop.engine.chat_renderer
         rendered = await asyncio.to_thread(renderer.render, messages, add_generation_prompt=add_generation_prompt,
-                                           image_policy=policy, tools=tools)
+                                           image_policy=policy, tools=tools,
+                                           continue_final_message=continue_final_message)
         prompt = {"prompt": rendered.text, "prompt_token_ids": rendered.prompt_token_ids,
                   "multi_modal_data": {"image": rendered.images}}
         async for out in self.generate(prompt, sampling_params, request_id, policy):

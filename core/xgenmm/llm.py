@@ -93,14 +93,16 @@ class LLM:
 
     def chat(self, messages, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = False, tools: list[dict] | None = None, add_generation_prompt: bool = True,
-             image_policy: ImageInputPolicy | None = None) -> list[RequestOutput]:
-        """OpenAI-style messages (one conversation, or a list of conversations) -> outputs."""
+             image_policy: ImageInputPolicy | None = None, continue_final_message: bool = False) -> list[RequestOutput]:
+        """OpenAI-style messages (one conversation, or a list of conversations) -> outputs. As vLLM's:
+        `continue_final_message=True` (with `add_generation_prompt=False`) continues the last assistant message."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         renderer = self._loop.engine.chat_renderer
         prompts = []
         for conv in conversations:
             rendered = renderer.render(conv, add_generation_prompt=add_generation_prompt,
-                                       image_policy=image_policy or self._loop.engine.config.image_policy, tools=tools)
+                                       image_policy=image_policy or self._loop.engine.config.image_policy, tools=tools,
+                                       continue_final_message=continue_final_message)
             prompts.append({"prompt": rendered.text, "prompt_token_ids": rendered.prompt_token_ids,
                             "multi_modal_data": {"image": rendered.images}})
         return self.generate(prompts, sampling_params, use_tqdm, image_policy)
@@ -117,11 +119,12 @@ class LLM:
 
     def chat_stream(self, messages: list[dict], sampling_params: SamplingParams | None = None,
                     request_id: str | None = None, tools: list[dict] | None = None, add_generation_prompt: bool = True,
-                    image_policy: ImageInputPolicy | None = None):
+                    image_policy: ImageInputPolicy | None = None, continue_final_message: bool = False):
         """`stream` for one OpenAI-style conversation."""
         policy = image_policy or self._loop.engine.config.image_policy
         rendered = self._loop.engine.chat_renderer.render(messages, add_generation_prompt=add_generation_prompt,
-                                                          image_policy=policy, tools=tools)
+                                                          image_policy=policy, tools=tools,
+                                                          continue_final_message=continue_final_message)
         prompt = {"prompt": rendered.text, "prompt_token_ids": rendered.prompt_token_ids,
                   "multi_modal_data": {"image": rendered.images}}
         return self.stream(prompt, sampling_params, request_id, policy)

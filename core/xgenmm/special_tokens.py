@@ -49,3 +49,9 @@ OFFICIAL_TOKEN_IDS: dict[str, int] = {
     IMAGE_PLACEHOLDER_TOKEN: IMAGE_PLACEHOLDER_TOKEN_ID,
     ENDOFCHUNK_TOKEN: ENDOFCHUNK_TOKEN_ID,
 }
+
+# The slow tokenizer's `all_special_tokens` as the official inference code has it (demos, LAVIS, VLMEvalKit:
+# `update_special_tokens` adds the VLM tokens, then `tokenizer.eos_token = "<|end|>"`). Only these remove the "▁" the
+# slow `LlamaTokenizer(legacy=False)` puts in front of a prompt: a prompt starting with `<image>` has no leading
+# 29871, one starting with `<|system|>` or `<|user|>` (added tokens, but not special ones) does.
+UPSTREAM_SPECIAL_TOKENS: tuple[str, ...] = ("<s>", END_TOKEN, "<unk>", PAD_TOKEN, *VLM_SPECIAL_TOKENS)

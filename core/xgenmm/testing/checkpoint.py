@@ -23,7 +23,7 @@ from .presets import (
 )
 from .safetensors_stream import tensor_nbytes, write_safetensors_streaming
 from .tensor_specs import TensorSpec, checkpoint_tensor_specs
-from .tokenizer import save_random_tokenizer
+from .tokenizer import copy_tokenizer_files, save_random_tokenizer
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -92,6 +92,7 @@ def make_random_checkpoint(
     device: str | torch.device = "cpu",
     config_only: bool = False,
     progress: bool = False,
+    tokenizer_dir: str | Path | None = None,
 ) -> Path:
     """Write a random checkpoint directory at `path` and return it.
 
@@ -99,7 +100,8 @@ def make_random_checkpoint(
     `model-0000k-of-0000n.safetensors` + `model.safetensors.index.json` (or one `model.safetensors` when
     `num_shards=1`). `config_only=True` writes everything but the weights. `device="cuda"` draws the random
     numbers on the GPU (much faster for `full`); values then differ from the CPU ones for the same seed.
-    Deterministic for a given (preset, seed, variant, dtype, device).
+    Deterministic for a given (preset, seed, variant, dtype, device). The tokenizer is the synthetic Phi-3-layout
+    one, or the files of `tokenizer_dir` (e.g. the sentencepiece-trained one in tests/fixtures/tokenizer/phi3-spm).
     """
     p = get_preset(preset)
     check_variant(variant)
@@ -111,7 +113,10 @@ def make_random_checkpoint(
     _write_json(out / "config.json", build_config(p, variant, torch_dtype))
     _write_json(out / "generation_config.json", build_generation_config(variant))
     _write_json(out / "preprocessor_config.json", build_preprocessor_config(variant))
-    save_random_tokenizer(out)
+    if tokenizer_dir is not None:
+        copy_tokenizer_files(tokenizer_dir, out)
+    else:
+        save_random_tokenizer(out)
     _remove_stale_weights(out)
     if config_only:
         return out

@@ -58,6 +58,7 @@ PHI3_CHAT_TEMPLATE = (
 )
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+SENTENCEPIECE_MODEL_FILE = "tokenizer.model"
 
 _TRAIN_VOCAB_SIZE = 4000
 _CONSONANTS = "bcdfghjklmnprstvwz"
@@ -131,21 +132,11 @@ def _filler_pieces(count: int, taken: set[str]) -> list[str]:
     return out
 
 
-@functools.lru_cache(maxsize=1)
-def build_tokenizer_json() -> str:
-    """The complete tokenizer.json text (deterministic; cached per process)."""
-    pieces, merges = _train_bpe()
-    vocab_list: list[str] = ["<unk>", "<s>", "</s>"] + [_byte_piece(b) for b in range(NUM_BYTE_PIECES)]
-    alphabet = _alphabet()
-    taken = set(vocab_list) | set(pieces) | set(alphabet)
-    n_fill = BASE_VOCAB_SIZE - len(vocab_list) - len(pieces) - len(alphabet)
-    if n_fill < 0:  # pragma: no cover - the corpus is far too small for this
-        raise RuntimeError("trained BPE vocabulary does not fit in 32000 pieces")
-    vocab_list += pieces + _filler_pieces(n_fill, taken) + alphabet
-    assert len(vocab_list) == BASE_VOCAB_SIZE and len(set(vocab_list)) == BASE_VOCAB_SIZE
-    vocab = {piece: i for i, piece in enumerate(vocab_list)}
-
-    tokenizer = {
+def phi3_tokenizer_json(bpe_model: dict) -> dict:
+    """A complete tokenizer.json (as a dict) in the official Phi-3 layout around `bpe_model` (tokenizer.json's
+    "model" section: a BPE with byte fallback over 32000 pieces): Phi-3's added tokens with their flags, the
+    Prepend/Replace normalizer, no pre-tokenizer, the pass-through post-processor and the byte-fallback decoder."""
+    return {
         "version": "1.0",
         "truncation": None,
         "padding": None,
@@ -184,20 +175,36 @@ def build_tokenizer_json() -> str:
                 {"type": "Strip", "content": " ", "start": 1, "stop": 0},
             ],
         },
-        "model": {
-            "type": "BPE",
-            "dropout": None,
-            "unk_token": "<unk>",
-            "continuing_subword_prefix": None,
-            "end_of_word_suffix": None,
-            "fuse_unk": True,
-            "byte_fallback": True,
-            "ignore_merges": False,
-            "vocab": vocab,
-            "merges": [f"{left} {right}" for left, right in merges],
-        },
+        "model": bpe_model,
     }
-    return json.dumps(tokenizer, ensure_ascii=False, indent=2)
+
+
+@functools.lru_cache(maxsize=1)
+def build_tokenizer_json() -> str:
+    """The synthetic tokenizer's complete tokenizer.json text (deterministic; cached per process)."""
+    pieces, merges = _train_bpe()
+    vocab_list: list[str] = ["<unk>", "<s>", "</s>"] + [_byte_piece(b) for b in range(NUM_BYTE_PIECES)]
+    alphabet = _alphabet()
+    taken = set(vocab_list) | set(pieces) | set(alphabet)
+    n_fill = BASE_VOCAB_SIZE - len(vocab_list) - len(pieces) - len(alphabet)
+    if n_fill < 0:  # pragma: no cover - the corpus is far too small for this
+        raise RuntimeError("trained BPE vocabulary does not fit in 32000 pieces")
+    vocab_list += pieces + _filler_pieces(n_fill, taken) + alphabet
+    assert len(vocab_list) == BASE_VOCAB_SIZE and len(set(vocab_list)) == BASE_VOCAB_SIZE
+    vocab = {piece: i for i, piece in enumerate(vocab_list)}
+    model = {
+        "type": "BPE",
+        "dropout": None,
+        "unk_token": "<unk>",
+        "continuing_subword_prefix": None,
+        "end_of_word_suffix": None,
+        "fuse_unk": True,
+        "byte_fallback": True,
+        "ignore_merges": False,
+        "vocab": vocab,
+        "merges": [f"{left} {right}" for left, right in merges],
+    }
+    return json.dumps(phi3_tokenizer_json(model), ensure_ascii=False, indent=2)
 
 
 def _tokenizer_config() -> dict:
@@ -247,23 +254,48 @@ def _added_tokens() -> dict:
     return {content: tid for tid, content, _, _ in sorted(PHI3_ADDED_TOKENS, key=lambda t: t[1]) if tid >= 32000}
 
 
-def save_random_tokenizer(directory: str | Path) -> list[Path]:
-    """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json and added_tokens.json into `directory`.
-
-    The files have the official repos' layout and contents apart from the trained pieces; the three VLM tokens
-    (`<image>`, `<image placeholder>`, `<|endofchunk|>`) are deliberately absent, as in the real repos.
-    """
+def save_phi3_tokenizer(directory: str | Path, tokenizer_json: str, sentencepiece_model: bytes | None = None) -> list[Path]:
+    """Write tokenizer.json (`tokenizer_json`, the text), tokenizer_config.json, special_tokens_map.json,
+    added_tokens.json and, when given, the sentencepiece tokenizer.model into `directory`, as the official repos
+    ship them. The three VLM tokens are deliberately absent, as in the real repos."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    contents = {
-        "tokenizer.json": build_tokenizer_json(),
+    contents: dict[str, str | bytes] = {
+        "tokenizer.json": tokenizer_json,
         "tokenizer_config.json": json.dumps(_tokenizer_config(), indent=2, ensure_ascii=False) + "\n",
         "special_tokens_map.json": json.dumps(_special_tokens_map(), indent=2) + "\n",
         "added_tokens.json": json.dumps(_added_tokens(), indent=2) + "\n",
     }
+    if sentencepiece_model is not None:
+        contents["tokenizer.model"] = sentencepiece_model
     paths = []
-    for name, text in contents.items():
+    for name, data in contents.items():
         path = directory / name
-        path.write_text(text, encoding="utf-8")
+        if isinstance(data, bytes):
+            path.write_bytes(data)
+        else:
+            path.write_text(data, encoding="utf-8")
         paths.append(path)
     return paths
+
+
+def copy_tokenizer_files(source: str | Path, directory: str | Path) -> list[Path]:
+    """Copy a tokenizer folder's files (tokenizer.json, tokenizer_config.json, special_tokens_map.json,
+    added_tokens.json, tokenizer.model where present) into `directory`."""
+    import shutil
+
+    source, directory = Path(source), Path(directory)
+    missing = [name for name in TOKENIZER_FILES if not (source / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{source}: missing tokenizer file(s) {missing}")
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in (*TOKENIZER_FILES, SENTENCEPIECE_MODEL_FILE):
+        if (source / name).is_file():
+            paths.append(Path(shutil.copyfile(source / name, directory / name)))
+    return paths
+
+
+def save_random_tokenizer(directory: str | Path) -> list[Path]:
+    """Write the synthetic Phi-3-layout tokenizer (see the module docstring) into `directory`."""
+    return save_phi3_tokenizer(directory, build_tokenizer_json())

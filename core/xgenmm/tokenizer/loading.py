@@ -10,8 +10,8 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-from .errors import CheckpointError
-from .special_tokens import OFFICIAL_TOKEN_IDS, VLM_SPECIAL_TOKENS, VOCAB_SIZE
+from ..errors import CheckpointError
+from ..special_tokens import OFFICIAL_TOKEN_IDS, VLM_SPECIAL_TOKENS, VOCAB_SIZE
 
 __all__ = ["load_tokenizer", "add_vlm_special_tokens", "disable_bos_eos", "verify_tokenizer"]
 
@@ -57,19 +57,19 @@ def verify_tokenizer(tokenizer, where: str = "tokenizer") -> None:
 
 
 def load_tokenizer(checkpoint_dir: str | Path):
-    """Load `checkpoint_dir`'s tokenizer with `AutoTokenizer(use_fast=True)` (never remote code), add the VLM tokens
-    and verify the official ids. Returns a `transformers.PreTrainedTokenizerFast`."""
-    from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerFast
+    """Load `checkpoint_dir`'s tokenizer as an `XGenMMTokenizer` (the fast tokenizer whose encoding reproduces the
+    official slow `legacy=False` ids; never remote code), add the VLM tokens and verify the official ids."""
+    from transformers import PreTrainedTokenizerFast
+
+    from .hf import XGenMMTokenizer
 
     path = Path(checkpoint_dir)
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer.model").is_file():
         raise CheckpointError(f"{path}: no tokenizer.json (or tokenizer.model) in the checkpoint directory")
     try:
-        # A blank model config: config.json is an `xgenmm` remote-code config that transformers cannot (and must
-        # not) load; the tokenizer class comes from tokenizer_config.json.
-        tokenizer = AutoTokenizer.from_pretrained(
-            str(path), use_fast=True, trust_remote_code=False, config=PretrainedConfig()
-        )
+        # Our class directly (not AutoTokenizer): config.json is an `xgenmm` remote-code config that transformers
+        # cannot (and must not) load, and the tokenizer_config.json's class would lose the exact encoding.
+        tokenizer = XGenMMTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception as exc:  # transformers raises many kinds here; name the directory
         raise CheckpointError(f"{path}: cannot load the tokenizer: {exc}") from exc
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
