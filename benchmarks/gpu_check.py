@@ -647,7 +647,7 @@ def _hf_phi3(ckpt: Path, device: torch.device, dtype: torch.dtype, attn_implemen
 
 def hf_baseline(args, ckpt: Path, device: torch.device, dtype: torch.dtype, engine) -> dict:
     """Batch-1 generate() as the official remote code runs it: vision -> inputs_embeds -> lang_model.generate."""
-    from xgenmm.image_processing import ImageProcessor
+    from xgenmm.multimodal.image_processing import ImageProcessor
 
     model = _hf_phi3(ckpt, device, dtype, args.hf_attn)
     processor = ImageProcessor.from_pretrained(str(ckpt))

@@ -147,7 +147,7 @@ def fused_embeddings(model, tokenizer, processor, request: dict) -> torch.Tensor
 
 def run_baseline(model_dir: str, requests: list[dict], max_tokens: int, batch_sizes: list[int]) -> dict:
     from xgenmm.checkpoint import load_model
-    from xgenmm.image_processing import ImageProcessor
+    from xgenmm.multimodal.image_processing import ImageProcessor
     from xgenmm.reference import build_hf_language_model
     from xgenmm.tokenizer import load_tokenizer
 

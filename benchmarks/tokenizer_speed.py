@@ -16,7 +16,7 @@ from pathlib import Path
 
 import transformers
 
-from xgenmm.prompts import DEFAULT_SYSTEM_MESSAGE
+from xgenmm.chat.template import DEFAULT_SYSTEM_MESSAGE
 from xgenmm.tokenizer import load_tokenizer
 
 HERE = Path(__file__).resolve().parent

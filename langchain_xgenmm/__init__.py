@@ -4,7 +4,7 @@ from importlib import metadata
 
 from .chat_models import ChatXGenMM
 from .document_loaders import XGenMMImageLoader
-from .tools import XGenMMImageQATool
+from .image_qa_tool import XGenMMImageQATool
 
 try:
     __version__ = metadata.version("xgenmm")

@@ -1,9 +1,9 @@
 """`ChatXGenMM`: xGen-MM (BLIP-3) as a LangChain chat model, on xgenmm's shared continuous-batching engine.
 
-A thin translator, like langchain-ollama: LangChain messages -> OpenAI-shaped messages (`messages.py`), sampling
-options -> `SamplingParams`, and the core's `RequestOutput` -> `AIMessage` / `AIMessageChunk`. Tool prompting, tool
-call parsing and grammar-constrained decoding live in the core (`xgenmm.tools`, `xgenmm.schema_budget`,
-`xgenmm.structured`), shared with the other front ends.
+A thin translator, like langchain-ollama: LangChain messages -> OpenAI-shaped messages (`messages.py`), its options
+-> the core's `build_chat_request` (the same request builder as the HTTP server and the LlamaIndex adapter: tools,
+tool_choice, structured output, sampling), and the core's replies (`xgenmm.chat.reply`: prose, tool calls, finish
+reason, usage) -> `AIMessage` / `AIMessageChunk`.
 
 Concurrency: every instance with the same (model, device, dtype) uses one process-wide engine, loaded on the first
 call (never in `__init__`). `invoke`/`stream` block in the calling thread while the engine loop batches;
@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from operator import itemgetter
 from typing import Any, Literal
 
@@ -35,19 +34,13 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, PrivateAttr
 
-from xgenmm import DEFAULT_MODEL_ID, ImageInputPolicy, RequestOutputKind, SamplingParams, StructuredOutputsParams
-from xgenmm.image_processing import DEFAULT_MAX_IMAGE_PIXELS
+from xgenmm import DEFAULT_MODEL_ID, ImageInputPolicy, RequestOutputKind
+from xgenmm.chat import ChatRequest, ChoiceStream, ReplyEvent, ResponseFormat, build_chat_request, chat_choice, usage_of
+from xgenmm.chat.reply import TokenPieces, logprobs_content
+from xgenmm.multimodal.image_processing import DEFAULT_MAX_IMAGE_PIXELS
 from xgenmm.multimodal.image_sources import DEFAULT_MAX_IMAGE_BYTES
-from xgenmm.outputs import RequestOutput
-from xgenmm.prompts import DEFAULT_SYSTEM_MESSAGE
-from xgenmm.schema_budget import bound_json_schema
-from xgenmm.tools import (
-    ToolCallStreamParser,
-    ToolStreamEvent,
-    parse_tool_calls,
-    resolve_tool_choice,
-    tool_call_structured_outputs,
-)
+from xgenmm.outputs import CompletionOutput, RequestOutput
+from xgenmm.tool_calls import resolve_tool_choice
 
 from .messages import to_core_messages
 
@@ -55,21 +48,9 @@ __all__ = ["ChatXGenMM"]
 
 _ENGINE_INIT_LOCK = threading.RLock()
 
-# Per-call kwargs that map straight onto SamplingParams (vLLM names).
+# Per-call kwargs that are sampling options (OpenAI / vLLM names, as `build_chat_request` takes them).
 _SAMPLING_KWARGS = ("temperature", "max_tokens", "top_p", "top_k", "min_p", "seed", "presence_penalty",
-                    "frequency_penalty", "repetition_penalty", "min_tokens")
-# Accepted for API compatibility (agents, OpenAI-style callers) and deliberately ignored.
-_IGNORED_KWARGS = ("strict", "timeout", "max_retries", "stream_options", "response_format", "n", "user")
-
-
-@dataclass
-class _Request:
-    """One conversation ready for the engine, plus what is needed to read its reply."""
-
-    messages: list[dict[str, Any]]
-    params: SamplingParams
-    tools: list[dict[str, Any]] | None  # rendered into the prompt, and used to parse the reply
-    policy: ImageInputPolicy
+                    "frequency_penalty", "repetition_penalty", "min_tokens", "n", "logprobs", "top_logprobs")
 
 
 class ChatXGenMM(BaseChatModel):
@@ -94,6 +75,9 @@ class ChatXGenMM(BaseChatModel):
     top_p: float | None = None
     stop: list[str] | None = None
     seed: int | None = None
+    n: int = Field(default=1, ge=1, description="replies per prompt (one ChatGeneration each; not when streaming)")
+    logprobs: bool | None = Field(default=None, description="return token logprobs in response_metadata['logprobs']")
+    top_logprobs: int | None = Field(default=None, description="alternatives per position (needs logprobs=True)")
     streaming: bool = False
     engine_options: dict[str, Any] = Field(default_factory=dict,
                                            description="options for the shared engine, applied when it is first created")
@@ -151,18 +135,10 @@ class ChatXGenMM(BaseChatModel):
 
     def _resolve_engine(self):
         if self._engine is None:
-            if self.backend == "native":
-                from xgenmm import LLM, AsyncLLM
-                from xgenmm.backends import Engine
+            from xgenmm.backends import get_engine
 
-                sync = LLM(self.model, device=self.device, dtype=self.dtype, **self.engine_options)
-                aio = AsyncLLM(self.model, device=self.device, dtype=self.dtype, **self.engine_options)
-                self._engine = Engine("native", sync, aio)
-            else:
-                from xgenmm.backends import get_engine
-
-                self._engine = get_engine(self.backend, model=self.model, device=self.device, dtype=self.dtype,
-                                          tensor_parallel_size=self.tensor_parallel_size, **self.engine_options)
+            self._engine = get_engine(self.backend, model=self.model, device=self.device, dtype=self.dtype,
+                                      tensor_parallel_size=self.tensor_parallel_size, **self.engine_options)
         return self._engine
 
     def _engine_stats(self):
@@ -178,107 +154,75 @@ class ChatXGenMM(BaseChatModel):
         return len(tokenizer(text, add_special_tokens=False).input_ids)
 
     def _image_policy(self) -> ImageInputPolicy:
-        return ImageInputPolicy(
-            allow_remote_images=self.allow_remote_images,
-            allow_local_files=self.allow_local_files,
-            allow_private_addresses=self.allow_private_addresses,
-            local_file_roots=tuple(self.local_file_roots),
-            max_image_bytes=self.max_image_bytes,
-            max_image_pixels=self.max_image_pixels,
-            fetch_timeout_s=self.fetch_timeout_s,
-        )
+        return ImageInputPolicy.from_settings(self)
 
     # ---- request building -----------------------------------------------------------------------------------------
     def _prepare(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any],
-                 output_kind: RequestOutputKind) -> _Request:
-        core_messages = to_core_messages(messages)
-        sampling: dict[str, Any] = {
-            "temperature": self.temperature, "max_tokens": self.max_tokens, "top_p": self.top_p, "seed": self.seed,
-        }
-        for name in _SAMPLING_KWARGS:
-            if kwargs.get(name) is not None:
-                sampling[name] = kwargs[name]
-        sampling = {k: v for k, v in sampling.items() if v is not None}
-        sampling.setdefault("temperature", 0.0)
-        stops = list(stop if stop is not None else (kwargs.get("stop") or self.stop or []))
-        max_tokens = sampling.get("max_tokens")
-
-        tools = kwargs.get("tools") or None
+                 output_kind: RequestOutputKind) -> ChatRequest:
+        sampling: dict[str, Any] = {"temperature": self.temperature, "max_tokens": self.max_tokens, "top_p": self.top_p,
+                                    "seed": self.seed, "n": self.n, "logprobs": self.logprobs,
+                                    "top_logprobs": self.top_logprobs}
+        sampling.update({name: kwargs[name] for name in _SAMPLING_KWARGS if kwargs.get(name) is not None})
+        if sampling["temperature"] is None:
+            sampling["temperature"] = 0.0  # greedy, as the official demos
+        sampling["stop"] = list(stop if stop is not None else (kwargs.get("stop") or self.stop or [])) or None
+        if output_kind is RequestOutputKind.DELTA and (sampling.get("n") or 1) > 1:
+            raise ValueError("n > 1 is not supported when streaming")
         structured = kwargs.get("structured_output")
-        constraint: StructuredOutputsParams | None = None
-        if tools:
-            mode, _ = resolve_tool_choice(kwargs.get("tool_choice"), tools)
-            if mode == "none":
-                tools = None
-            else:
-                constraint = tool_call_structured_outputs(
-                    tools, kwargs.get("tool_choice"), parallel_tool_calls=bool(kwargs.get("parallel_tool_calls")),
-                    constrain_auto=self.constrain_auto_tool_calls, max_tokens=max_tokens)
-                if constraint is not None and mode == "required":
-                    stops = []  # a stop string inside a forced call would cut it
-        elif structured is not None:
-            constraint = self._structured_constraint(structured, max_tokens)
-            core_messages = _with_format_instruction(core_messages, structured)
-            stops = []
-        params = SamplingParams(stop=stops or None, output_kind=output_kind, structured_outputs=constraint, **sampling)
-        return _Request(core_messages, params, tools, self._image_policy())
-
-    @staticmethod
-    def _structured_constraint(structured: Mapping[str, Any], max_tokens: int | None) -> StructuredOutputsParams:
-        schema = structured.get("schema")
-        if schema is None:
-            return StructuredOutputsParams(json_object=True, whitespace_flexible=False)
-        if max_tokens is not None:
-            schema = bound_json_schema(schema, max_tokens).schema
-        return StructuredOutputsParams(json=schema, whitespace_flexible=False)
+        response_format = None
+        if structured is not None:
+            schema = structured.get("schema")
+            response_format = ResponseFormat("json_schema", schema) if schema is not None else ResponseFormat("json_object")
+        return build_chat_request(
+            to_core_messages(messages), sampling=sampling, tools=kwargs.get("tools") or None,
+            tool_choice=kwargs.get("tool_choice"), parallel_tool_calls=kwargs.get("parallel_tool_calls"),
+            response_format=response_format, image_policy=self._image_policy(), output_kind=output_kind,
+            constrain_auto_tool_calls=self.constrain_auto_tool_calls)
 
     # ---- replies --------------------------------------------------------------------------------------------------
     def _usage(self, out: RequestOutput) -> UsageMetadata:
-        metrics = out.metrics
-        prompt = metrics.num_prompt_tokens if metrics else len(out.prompt_token_ids)
-        generated = metrics.num_generated_tokens if metrics else sum(len(o.token_ids) for o in out.outputs)
-        cached = metrics.num_cached_tokens if metrics else out.num_cached_tokens
-        return UsageMetadata(input_tokens=prompt, output_tokens=generated, total_tokens=prompt + generated,
-                             input_token_details={"cache_read": cached})
+        usage = usage_of(out)
+        return UsageMetadata(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens,
+                             total_tokens=usage.total_tokens, input_token_details={"cache_read": usage.cached_tokens})
 
-    def _metadata(self, out: RequestOutput) -> dict[str, Any]:
-        completion = out.outputs[0]
-        meta: dict[str, Any] = {"model_name": self.model, "model_provider": "xgenmm",
-                                "finish_reason": completion.finish_reason}
+    def _metadata(self, completion: CompletionOutput, finish_reason: str | None, request: ChatRequest) -> dict[str, Any]:
+        meta: dict[str, Any] = {"model_name": self.model, "model_provider": "xgenmm", "finish_reason": finish_reason}
         if completion.stop_reason is not None:
             meta["stop_reason"] = completion.stop_reason
+        if request.params.logprobs is not None and completion.logprobs is not None:
+            pieces = TokenPieces(self._get_engine().get_tokenizer())
+            meta["logprobs"] = {"content": logprobs_content(completion.token_ids, completion.logprobs,
+                                                            request.params.logprobs, pieces)}
         return meta
 
-    def _message(self, out: RequestOutput, request: _Request) -> AIMessage:
-        text = out.outputs[0].text
+    def _generations(self, out: RequestOutput, request: ChatRequest) -> list[ChatGeneration]:
         usage = self._usage(out)
-        meta = self._metadata(out)
-        if not request.tools:
-            return AIMessage(content=text, usage_metadata=usage, response_metadata=meta)
-        reply = parse_tool_calls(text, request.tools)
-        return AIMessage(
-            content=reply.content,
-            tool_calls=[tool_call(name=c.name, args=c.arguments, id=c.id) for c in reply.tool_calls],
-            invalid_tool_calls=[invalid_tool_call(name=c.name, args=c.arguments, id=c.id, error=c.error)
-                                for c in reply.invalid],
-            usage_metadata=usage,
-            response_metadata=meta,
-        )
+        generations = []
+        for completion in out.outputs:
+            reply = chat_choice(completion, request.tools)
+            meta = self._metadata(completion, reply.finish_reason, request)
+            message = AIMessage(
+                content=reply.content or "",
+                tool_calls=[tool_call(name=c.name, args=c.arguments, id=c.id) for c in reply.tool_calls],
+                invalid_tool_calls=[invalid_tool_call(name=c.name, args=c.arguments, id=c.id, error=c.error)
+                                    for c in reply.invalid_tool_calls],
+                usage_metadata=usage,
+                response_metadata=meta,
+            )
+            generations.append(ChatGeneration(message=message, generation_info=meta))
+        return generations
 
     # ---- sync -----------------------------------------------------------------------------------------------------
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         request = self._prepare(messages, stop, kwargs, RequestOutputKind.FINAL_ONLY)
-        out = self._get_engine().sync.chat(request.messages, request.params, tools=request.tools,
-                                           image_policy=request.policy)[0]
-        message = self._message(out, request)
-        return ChatResult(generations=[ChatGeneration(message=message, generation_info=self._metadata(out))])
+        out = self._get_engine().sync.chat(request.messages, request.params, **request.chat_kwargs())[0]
+        return ChatResult(generations=self._generations(out, request))
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         request = self._prepare(messages, stop, kwargs, RequestOutputKind.DELTA)
-        outputs = self._get_engine().sync.chat_stream(request.messages, request.params, tools=request.tools,
-                                                      image_policy=request.policy)
+        outputs = self._get_engine().sync.chat_stream(request.messages, request.params, **request.chat_kwargs())
         assembler = _ChunkAssembler(self, request)
         try:
             for out in outputs:
@@ -297,23 +241,20 @@ class ChatXGenMM(BaseChatModel):
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         request = self._prepare(messages, stop, kwargs, RequestOutputKind.FINAL_ONLY)
-        outputs = self._get_engine().aio.chat(request.messages, request.params, tools=request.tools,
-                                              image_policy=request.policy)
+        outputs = self._get_engine().aio.chat(request.messages, request.params, **request.chat_kwargs())
         final = None
         try:
             async for out in outputs:
                 final = out
         finally:
             await outputs.aclose()
-        message = self._message(final, request)
-        return ChatResult(generations=[ChatGeneration(message=message, generation_info=self._metadata(final))])
+        return ChatResult(generations=self._generations(final, request))
 
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         request = self._prepare(messages, stop, kwargs, RequestOutputKind.DELTA)
-        outputs = self._get_engine().aio.chat(request.messages, request.params, tools=request.tools,
-                                              image_policy=request.policy)
+        outputs = self._get_engine().aio.chat(request.messages, request.params, **request.chat_kwargs())
         assembler = _ChunkAssembler(self, request)
         try:
             async for out in outputs:
@@ -376,7 +317,7 @@ class ChatXGenMM(BaseChatModel):
           any JSON object).
         Pydantic classes come back as instances, TypedDicts and JSON schemas as dicts; `include_raw=True` gives
         `{"raw", "parsed", "parsing_error"}`. Limits: a schema's open-ended strings / numbers / arrays are bounded so
-        that the whole value fits `max_tokens` (see `xgenmm.schema_budget`).
+        that the whole value fits `max_tokens` (see `xgenmm.structured.schema_budget`).
         """
         if kwargs:
             raise ValueError(f"unsupported arguments {sorted(kwargs)}")
@@ -409,64 +350,59 @@ class ChatXGenMM(BaseChatModel):
         return RunnableMap(raw=llm) | parse.with_fallbacks([no_parse], exception_key="parsing_error")
 
 
-def _with_format_instruction(messages: list[dict[str, Any]], structured: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Show the model the schema it must follow (decoding enforces it; the description tells it what to put where)."""
-    schema = structured.get("schema")
-    if schema is None:
-        instruction = "Respond with a JSON object only."
-    else:
-        instruction = ("Respond with a JSON object only, matching this JSON schema:\n"
-                       + json.dumps(schema, ensure_ascii=False))
-    has_system = any(m.get("role") in ("system", "developer") for m in messages)
-    prefix = [] if has_system else [{"role": "system", "content": DEFAULT_SYSTEM_MESSAGE}]
-    return prefix + _append_system(messages, instruction)
-
-
-def _append_system(messages: list[dict[str, Any]], instruction: str) -> list[dict[str, Any]]:
-    # All system messages are joined into the one system turn, so appending one adds a line to it.
-    return [*messages, {"role": "system", "content": instruction}]
-
-
 class _ChunkAssembler:
-    """Turns the engine's DELTA outputs into `ChatGenerationChunk`s: text as it comes, tool calls when complete,
-    and a last chunk (`chunk_position="last"`) with usage and response metadata."""
+    """Turns the engine's DELTA outputs into `ChatGenerationChunk`s (through the core's `ChoiceStream`): text as it
+    comes, tool calls when complete, and a last chunk (`chunk_position="last"`) with usage and response metadata."""
 
-    def __init__(self, model: ChatXGenMM, request: _Request) -> None:
+    def __init__(self, model: ChatXGenMM, request: ChatRequest) -> None:
         self.model = model
-        self.parser = ToolCallStreamParser(request.tools) if request.tools else None
+        self.request = request
+        self.stream = ChoiceStream(request.tools)
         self.final: RequestOutput | None = None
-        self.num_calls = 0
+        self.finish_reason: str | None = None
+        self.completion = CompletionOutput(0, "", [], None, [] if request.params.logprobs is not None else None, None)
 
     def feed(self, out: RequestOutput) -> list[ChatGenerationChunk]:
         if out.finished:
             self.final = out
-        delta = out.outputs[0].text if out.outputs else ""
-        if not delta:
+        if not out.outputs:
             return []
-        if self.parser is None:
-            return [ChatGenerationChunk(message=AIMessageChunk(content=delta))]
-        return [self._event_chunk(e) for e in self.parser.feed(delta)]
-
-    def finish(self) -> list[ChatGenerationChunk]:
-        chunks = [self._event_chunk(e) for e in self.parser.finish()] if self.parser is not None else []
-        if self.final is None:
-            return chunks
-        meta = self.model._metadata(self.final)
-        last = AIMessageChunk(content="", usage_metadata=self.model._usage(self.final), response_metadata=meta,
-                              chunk_position="last")
-        chunks.append(ChatGenerationChunk(message=last, generation_info=meta))
+        delta = out.outputs[0]
+        self._accumulate(delta)
+        chunks = []
+        for event in self.stream.feed(delta):
+            if event.finish_reason is not None:
+                self.finish_reason = event.finish_reason
+            else:
+                chunks.append(self._event_chunk(event))
         return chunks
 
-    def _event_chunk(self, event: ToolStreamEvent) -> ChatGenerationChunk:
+    def finish(self) -> list[ChatGenerationChunk]:
+        if self.final is None:
+            return []
+        meta = self.model._metadata(self.completion, self.finish_reason, self.request)
+        last = AIMessageChunk(content="", usage_metadata=self.model._usage(self.final), response_metadata=meta,
+                              chunk_position="last")
+        return [ChatGenerationChunk(message=last, generation_info=meta)]
+
+    def _accumulate(self, delta: CompletionOutput) -> None:
+        """The whole sample so far (for the last chunk's metadata: stop reason, logprobs)."""
+        done = self.completion
+        done.token_ids.extend(delta.token_ids)
+        if done.logprobs is not None and delta.logprobs:
+            done.logprobs.extend(delta.logprobs)
+        done.finish_reason = delta.finish_reason or done.finish_reason
+        done.stop_reason = delta.stop_reason if delta.finish_reason else done.stop_reason
+
+    @staticmethod
+    def _event_chunk(event: ReplyEvent) -> ChatGenerationChunk:
         if event.text is not None:
             return ChatGenerationChunk(message=AIMessageChunk(content=event.text))
-        index = self.num_calls
-        self.num_calls += 1
         if event.tool_call is not None:
             call = event.tool_call
             piece = tool_call_chunk(name=call.name, args=json.dumps(call.arguments, ensure_ascii=False), id=call.id,
-                                    index=index)
+                                    index=event.tool_call_index)
         else:
-            bad = event.invalid
-            piece = tool_call_chunk(name=bad.name, args=bad.arguments, id=bad.id, index=index)
+            bad = event.invalid_tool_call
+            piece = tool_call_chunk(name=bad.name, args=bad.arguments, id=bad.id, index=event.tool_call_index)
         return ChatGenerationChunk(message=AIMessageChunk(content="", tool_call_chunks=[piece]))

@@ -1,16 +1,18 @@
 """`XGenMM`: xGen-MM (BLIP-3) as a LlamaIndex `FunctionCallingLLM`, multimodal through `ChatMessage.blocks`.
 
-A thin adapter in the style of `llama-index-llms-ollama`: it translates messages, sampling options and tool specs
-to the core (`xgenmm.LLM` / `xgenmm.AsyncLLM`) and the core's outputs back. The four chat methods are native; the
-`complete*` methods are derived from them. Async methods run on the core's asyncio front end (no thread pool), so
-concurrent `achat` calls join the engine's continuous batch. Tool calls use the core's shared format, parser and
-grammar (`xgenmm.tools`); a required tool call is grammar-constrained, so it is always well formed.
+A thin adapter in the style of `llama-index-llms-ollama`: it translates messages, options and tool specs into the
+core's `build_chat_request` (the same request builder as the HTTP server and the LangChain adapter) and the core's
+replies (`xgenmm.chat.reply`) back into LlamaIndex types. The four chat methods are native; the `complete*` methods
+are derived from them. Async methods run on the core's asyncio front end (no thread pool), so concurrent `achat`
+calls join the engine's continuous batch. A required tool call is grammar-constrained, so it is always well formed;
+`tool_choice="none"` shows the model no tools, as OpenAI does.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import threading
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
@@ -42,14 +44,15 @@ from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 
 from xgenmm.backends import Engine, get_engine
+from xgenmm.chat import ChatRequest, build_chat_request
 from xgenmm.checkpoint import DEFAULT_MODEL_ID
 from xgenmm.errors import SamplingParamsError
+from xgenmm.multimodal.image_processing import DEFAULT_MAX_IMAGE_PIXELS
 from xgenmm.multimodal.image_sources import DEFAULT_MAX_IMAGE_BYTES, ImageInputPolicy
-from xgenmm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
-from xgenmm.tools import tool_call_structured_outputs
+from xgenmm.sampling_params import RequestOutputKind, SamplingParams
 
 from .messages import to_core_messages, to_image_block
-from .responses import chunk_chat_response, final_chat_response
+from .responses import ChatStreamAssembler, final_chat_response
 
 if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool
@@ -58,16 +61,6 @@ __all__ = ["XGenMM", "DEFAULT_CONTEXT_WINDOW"]
 
 DEFAULT_CONTEXT_WINDOW = 4096  # Phi-3-mini-4k, the xGen-MM v1.5 language model
 _SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
-
-
-@dataclasses.dataclass(frozen=True)
-class _Request:
-    """One chat call, translated: core messages, sampling options, tools and the image policy."""
-
-    messages: list[dict[str, Any]]
-    params: SamplingParams
-    tools: list[dict[str, Any]] | None
-    policy: ImageInputPolicy
 
 
 class XGenMM(FunctionCallingLLM):
@@ -93,6 +86,7 @@ class XGenMM(FunctionCallingLLM):
         default="native", description="'native' = the xgenmm engine; 'vllm' = vLLM with the xgenmm plugin "
         "(xgenmm.backends.get_engine)."
     )
+    tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs to split the model over (backend='vllm').")
     temperature: float = Field(default=0.0, ge=0.0, description="Sampling temperature; 0 = greedy (official demos).")
     max_tokens: int = Field(default=DEFAULT_NUM_OUTPUTS, gt=0, description="Most tokens generated per call.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling probability mass.")
@@ -113,7 +107,11 @@ class XGenMM(FunctionCallingLLM):
         default_factory=list, description="If set, local image files must lie under one of these folders."
     )
     max_image_bytes: Optional[int] = Field(default=DEFAULT_MAX_IMAGE_BYTES, description="Largest image accepted.")
-    image_fetch_timeout: float = Field(default=10.0, gt=0, description="Seconds allowed to fetch one remote image.")
+    max_image_pixels: Optional[int] = Field(default=DEFAULT_MAX_IMAGE_PIXELS,
+                                            description="Most pixels an image may have (checked before decoding).")
+    fetch_timeout_s: float = Field(default=10.0, gt=0, description="Seconds allowed to fetch one remote image.")
+    image_fetch_timeout: Optional[float] = Field(
+        default=None, gt=0, description="Deprecated name of fetch_timeout_s (the name the LangChain adapter uses).")
     structured_outputs: Any = Field(
         default=None,
         description="A constraint applied to every call without tools: StructuredOutputsParams (or its dict), or a "
@@ -147,49 +145,47 @@ class XGenMM(FunctionCallingLLM):
             with self._engine_lock:
                 if self._engine is None:
                     self._engine = get_engine(self.backend, model=self.model, device=self.device, dtype=self.dtype,
-                                              **self.engine_options)
+                                              tensor_parallel_size=self.tensor_parallel_size, **self.engine_options)
         return self._engine
 
     @property
     def image_policy(self) -> ImageInputPolicy:
-        return ImageInputPolicy(
-            allow_remote_images=self.allow_remote_images,
-            allow_local_files=self.allow_local_files,
-            allow_private_addresses=self.allow_private_addresses,
-            local_file_roots=tuple(self.local_file_roots),
-            max_image_bytes=self.max_image_bytes,
-            fetch_timeout_s=self.image_fetch_timeout,
-        )
+        if self.image_fetch_timeout is not None:
+            warnings.warn("XGenMM(image_fetch_timeout=...) is deprecated; use fetch_timeout_s", DeprecationWarning,
+                          stacklevel=2)
+            return dataclasses.replace(ImageInputPolicy.from_settings(self), fetch_timeout_s=self.image_fetch_timeout)
+        return ImageInputPolicy.from_settings(self)
 
     def get_tokenizer(self):
         return self.engine.sync.get_tokenizer()
 
     # ---- request translation ---------------------------------------------------------------------------------------
     def _request(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any],
-                 output_kind: RequestOutputKind) -> _Request:
+                 output_kind: RequestOutputKind) -> ChatRequest:
         kwargs = dict(kwargs)
         tools = kwargs.pop("tools", None) or None
         tool_choice = kwargs.pop("tool_choice", None)
-        parallel = bool(kwargs.get("allow_parallel_tool_calls", False))
         if kwargs.pop("tool_required", False) and tool_choice in (None, "auto"):
             tool_choice = "required"
+        parallel = bool(kwargs.pop("allow_parallel_tool_calls", False))
         policy = kwargs.pop("image_policy", None) or self.image_policy
-        params = self._sampling_params(messages, kwargs, output_kind, has_tools=bool(tools))
-        if tools:
-            grammar = tool_call_structured_outputs(tools, tool_choice or "auto", parallel_tool_calls=parallel,
-                                                   max_tokens=params.max_tokens)
-            if grammar is not None:
-                if params.structured_outputs is not None:
-                    raise SamplingParamsError(
-                        "structured_outputs cannot be combined with tools (the tool-call grammar constrains the reply)"
-                    )
-                params = _with_structured_outputs(params, grammar)
-        return _Request(to_core_messages(messages), params, tools, policy)
+        response_format = kwargs.pop("response_format", None)
+        params = self._sampling_params(kwargs)
+        default = self.structured_outputs
+        structured = default(messages) if callable(default) else default
+        if isinstance(structured, dict):
+            from xgenmm.sampling_params import StructuredOutputsParams
 
-    def _sampling_params(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any],
-                         output_kind: RequestOutputKind, has_tools: bool) -> SamplingParams:
+            structured = StructuredOutputsParams(**structured)
+        return build_chat_request(
+            to_core_messages(messages), sampling=params, tools=tools, tool_choice=tool_choice,
+            parallel_tool_calls=parallel, response_format=response_format,
+            structured_outputs=structured if params.structured_outputs is None else None,
+            image_policy=policy, output_kind=output_kind)
+
+    def _sampling_params(self, kwargs: dict[str, Any]) -> SamplingParams:
         """Instance defaults, then `sampling_params=`, then any SamplingParams field given by name. Other keyword
-        arguments (LlamaIndex passes framework ones such as `allow_parallel_tool_calls`) are not model options."""
+        arguments (LlamaIndex passes framework ones) are not model options."""
         explicit = kwargs.pop("sampling_params", None)
         options: dict[str, Any] = {
             "temperature": self.temperature,
@@ -205,46 +201,44 @@ class XGenMM(FunctionCallingLLM):
         for name in list(kwargs):
             if name in _SAMPLING_FIELDS:
                 options[name] = kwargs.pop(name)
-        if options.get("structured_outputs") is None and not has_tools:
-            default = self.structured_outputs
-            options["structured_outputs"] = default(messages) if callable(default) else default
-        options["output_kind"] = output_kind
         return SamplingParams(**options)
 
     # ---- chat ------------------------------------------------------------------------------------------------------
+    def _final(self, output, request: ChatRequest) -> ChatResponse:
+        tokenizer = self.get_tokenizer() if request.params.logprobs is not None else None
+        return final_chat_response(output, self.model, request.tools, tokenizer=tokenizer)
+
+    def _assembler(self, request: ChatRequest) -> ChatStreamAssembler:
+        want = request.params.logprobs is not None
+        return ChatStreamAssembler(self.model, request.tools, self.get_tokenizer() if want else None, want)
+
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         request = self._request(messages, kwargs, RequestOutputKind.FINAL_ONLY)
-        output = self.engine.sync.chat(request.messages, request.params, tools=request.tools,
-                                       image_policy=request.policy)[0]
-        return final_chat_response(output, self.model, request.tools)
+        output = self.engine.sync.chat(request.messages, request.params, **request.chat_kwargs())[0]
+        return self._final(output, request)
 
     def chat_batch(self, conversations: Sequence[Sequence[ChatMessage]], **kwargs: Any) -> list[ChatResponse]:
         """Several conversations in one batched engine call (same options for all); responses in order."""
         requests = [self._request(c, kwargs, RequestOutputKind.FINAL_ONLY) for c in conversations]
         if not requests:
             return []
-        first = requests[0]
         outputs = self.engine.sync.chat([r.messages for r in requests], [r.params for r in requests],
-                                        tools=first.tools, image_policy=first.policy)
-        return [final_chat_response(o, self.model, r.tools) for o, r in zip(outputs, requests)]
+                                        **requests[0].chat_kwargs())
+        return [self._final(o, r) for o, r in zip(outputs, requests)]
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         request = self._request(messages, kwargs, RequestOutputKind.DELTA)
-        stream = self.engine.sync.chat_stream(request.messages, request.params, tools=request.tools,
-                                              image_policy=request.policy)
+        stream = self.engine.sync.chat_stream(request.messages, request.params, **request.chat_kwargs())
+        assembler = self._assembler(request)
 
         def gen() -> ChatResponseGen:
-            text = ""
             try:
                 for output in stream:
-                    delta = output.outputs[0].text
-                    text += delta
-                    if output.finished:
-                        yield final_chat_response(output, self.model, request.tools, text=text, delta=delta)
-                    elif delta:
-                        yield chunk_chat_response(output, self.model, text, delta)
+                    response = assembler.feed(output)
+                    if response is not None:
+                        yield response
             finally:
                 stream.close()  # stopping early aborts the request and frees its KV blocks
 
@@ -254,28 +248,23 @@ class XGenMM(FunctionCallingLLM):
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         request = self._request(messages, kwargs, RequestOutputKind.FINAL_ONLY)
         final = None
-        async for output in self.engine.aio.chat(request.messages, request.params, tools=request.tools,
-                                                 image_policy=request.policy):
+        async for output in self.engine.aio.chat(request.messages, request.params, **request.chat_kwargs()):
             final = output
-        return final_chat_response(final, self.model, request.tools)
+        return self._final(final, request)
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
         request = self._request(messages, kwargs, RequestOutputKind.DELTA)
         engine = self.engine
+        assembler = self._assembler(request)
 
         async def gen() -> ChatResponseAsyncGen:
-            text = ""
-            stream = engine.aio.chat(request.messages, request.params, tools=request.tools,
-                                     image_policy=request.policy)
+            stream = engine.aio.chat(request.messages, request.params, **request.chat_kwargs())
             try:
                 async for output in stream:
-                    delta = output.outputs[0].text
-                    text += delta
-                    if output.finished:
-                        yield final_chat_response(output, self.model, request.tools, text=text, delta=delta)
-                    elif delta:
-                        yield chunk_chat_response(output, self.model, text, delta)
+                    response = assembler.feed(output)
+                    if response is not None:
+                        yield response
             finally:
                 await stream.aclose()  # cancelling / stopping early aborts the request
 
@@ -370,12 +359,6 @@ class XGenMM(FunctionCallingLLM):
             detail = f"; invalid tool calls: {invalid}" if invalid else ""
             raise ValueError(f"Expected at least one tool call, but the model made none{detail}")
         return selections
-
-
-def _with_structured_outputs(params: SamplingParams, structured: StructuredOutputsParams) -> SamplingParams:
-    options = {f.name: getattr(params, f.name) for f in dataclasses.fields(SamplingParams)}
-    options["structured_outputs"] = structured
-    return SamplingParams(**options)
 
 
 def _image_prompt(prompt: str, image_documents: Sequence[Any]) -> list[ChatMessage]:

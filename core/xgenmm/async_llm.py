@@ -10,35 +10,15 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from .checkpoint import DEFAULT_MODEL_ID
-from .engine.engine_loop import EngineLoop, get_engine_loop, new_request_id
+from .engine.engine_loop import new_request_id
+from .engine_client import POLL_S, EngineClient, RequestStream
 from .multimodal.image_sources import ImageInputPolicy
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
 
-class AsyncLLM:
-    def __init__(self, model: str = DEFAULT_MODEL_ID, device: str | None = None, dtype: str | None = None,
-                 **engine_options: Any):
-        self.model = model
-        self._loop: EngineLoop = get_engine_loop(model, device, dtype, **engine_options)
-
-    @classmethod
-    def from_engine_loop(cls, loop: EngineLoop) -> "AsyncLLM":
-        obj = cls.__new__(cls)
-        obj.model = loop.engine.model_name
-        obj._loop = loop
-        return obj
-
-    @property
-    def engine(self):
-        return self._loop.engine
-
-    def get_tokenizer(self):
-        return self._loop.engine.tokenizer
-
-    def stats(self):
-        return self._loop.stats()
+class AsyncLLM(EngineClient):
+    """asyncio streaming over the shared engine loop (see `EngineClient`)."""
 
     async def generate(self, prompt: Any, sampling_params: SamplingParams | None = None, request_id: str | None = None,
                        image_policy: ImageInputPolicy | None = None) -> AsyncIterator[RequestOutput]:
@@ -52,14 +32,11 @@ class AsyncLLM:
                    request_id: str | None = None, tools: list[dict] | None = None, add_generation_prompt: bool = True,
                    image_policy: ImageInputPolicy | None = None,
                    continue_final_message: bool = False) -> AsyncIterator[RequestOutput]:
-        policy = image_policy or self._loop.engine.config.image_policy
-        renderer = self._loop.engine.chat_renderer
-        rendered = await asyncio.to_thread(renderer.render, messages, add_generation_prompt=add_generation_prompt,
-                                           image_policy=policy, tools=tools,
-                                           continue_final_message=continue_final_message)
-        prompt = {"prompt": rendered.text, "prompt_token_ids": rendered.prompt_token_ids,
-                  "multi_modal_data": {"image": rendered.images}}
-        async for out in self.generate(prompt, sampling_params, request_id, policy):
+        # Rendering decodes images (CPU work): keep it off the event loop.
+        prompt = await asyncio.to_thread(self._chat_prompt, messages, tools=tools,
+                                         add_generation_prompt=add_generation_prompt,
+                                         continue_final_message=continue_final_message, image_policy=image_policy)
+        async for out in self.generate(prompt, sampling_params, request_id, image_policy):
             yield out
 
     async def _stream(self, prepared) -> AsyncIterator[RequestOutput]:
@@ -72,25 +49,17 @@ class AsyncLLM:
             except RuntimeError:  # the event loop closed: nobody is listening any more
                 pass
 
-        finished = False
-        self._loop.submit(prepared, sink)
+        stream = RequestStream(self._loop, prepared, sink)
         try:
-            while True:
+            while not stream.finished:
                 try:
-                    out = await asyncio.wait_for(queue.get(), timeout=5.0)
+                    item = await asyncio.wait_for(queue.get(), timeout=POLL_S)
                 except asyncio.TimeoutError:
                     self._loop.check_alive()
                     continue
-                if isinstance(out, BaseException):
-                    finished = True
-                    raise out
-                finished = out.finished
-                yield out
-                if finished:
-                    return
+                yield stream.accept(item)
         finally:
-            if not finished:
-                self._loop.abort(prepared.request_id)
+            stream.close()
 
     async def abort(self, request_id: str) -> None:
         self._loop.abort(request_id)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .config import XGenMMConfig
+from .model.config import XGenMMConfig
 from .errors import CheckpointError, ModelNotFoundError
 
 DEFAULT_MODEL_ID = "Salesforce/xgen-mm-phi3-mini-instruct-interleave-r-v1.5"

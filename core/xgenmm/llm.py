@@ -6,11 +6,12 @@ same weights, KV cache and continuous batch.
 
 from __future__ import annotations
 
+import queue
 import threading
-from typing import Any, Sequence
+from typing import Sequence
 
-from .checkpoint import DEFAULT_MODEL_ID
-from .engine.engine_loop import EngineLoop, get_engine_loop, new_request_id
+from .engine.engine_loop import new_request_id
+from .engine_client import POLL_S, EngineClient, RequestStream
 from .errors import SamplingParamsError
 from .multimodal.image_sources import ImageInputPolicy
 from .outputs import RequestOutput
@@ -55,29 +56,8 @@ def _as_list(prompts) -> tuple[list, bool]:
     return list(prompts), False
 
 
-class LLM:
-    def __init__(self, model: str = DEFAULT_MODEL_ID, device: str | None = None, dtype: str | None = None,
-                 **engine_options: Any):
-        self.model = model
-        self._loop: EngineLoop = get_engine_loop(model, device, dtype, **engine_options)
-
-    @classmethod
-    def from_engine_loop(cls, loop: EngineLoop) -> "LLM":
-        """Wrap an explicitly created (non-shared) engine loop, e.g. one with a deliberately small KV cache."""
-        obj = cls.__new__(cls)
-        obj.model = loop.engine.model_name
-        obj._loop = loop
-        return obj
-
-    @property
-    def engine(self):
-        return self._loop.engine
-
-    def get_tokenizer(self):
-        return self._loop.engine.tokenizer
-
-    def stats(self):
-        return self._loop.stats()
+class LLM(EngineClient):
+    """vLLM's `LLM` shape over the shared engine loop (see `EngineClient`)."""
 
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = False, image_policy: ImageInputPolicy | None = None) -> list[RequestOutput]:
@@ -97,14 +77,9 @@ class LLM:
         """OpenAI-style messages (one conversation, or a list of conversations) -> outputs. As vLLM's:
         `continue_final_message=True` (with `add_generation_prompt=False`) continues the last assistant message."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        renderer = self._loop.engine.chat_renderer
-        prompts = []
-        for conv in conversations:
-            rendered = renderer.render(conv, add_generation_prompt=add_generation_prompt,
-                                       image_policy=image_policy or self._loop.engine.config.image_policy, tools=tools,
-                                       continue_final_message=continue_final_message)
-            prompts.append({"prompt": rendered.text, "prompt_token_ids": rendered.prompt_token_ids,
-                            "multi_modal_data": {"image": rendered.images}})
+        prompts = [self._chat_prompt(conv, tools=tools, add_generation_prompt=add_generation_prompt,
+                                     continue_final_message=continue_final_message, image_policy=image_policy)
+                   for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm, image_policy)
 
     def stream(self, prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None,
@@ -121,37 +96,21 @@ class LLM:
                     request_id: str | None = None, tools: list[dict] | None = None, add_generation_prompt: bool = True,
                     image_policy: ImageInputPolicy | None = None, continue_final_message: bool = False):
         """`stream` for one OpenAI-style conversation."""
-        policy = image_policy or self._loop.engine.config.image_policy
-        rendered = self._loop.engine.chat_renderer.render(messages, add_generation_prompt=add_generation_prompt,
-                                                          image_policy=policy, tools=tools,
-                                                          continue_final_message=continue_final_message)
-        prompt = {"prompt": rendered.text, "prompt_token_ids": rendered.prompt_token_ids,
-                  "multi_modal_data": {"image": rendered.images}}
-        return self.stream(prompt, sampling_params, request_id, policy)
+        prompt = self._chat_prompt(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                   continue_final_message=continue_final_message, image_policy=image_policy)
+        return self.stream(prompt, sampling_params, request_id, image_policy)
 
     def _stream(self, prepared):
-        import queue as _queue
-
-        outputs: _queue.SimpleQueue = _queue.SimpleQueue()
-        self._loop.submit(prepared, outputs.put)
-        finished = False
+        outputs: queue.SimpleQueue = queue.SimpleQueue()
+        stream = RequestStream(self._loop, prepared, outputs.put)
         try:
-            while True:
+            while not stream.finished:
                 try:
-                    out = outputs.get(timeout=5.0)
-                except _queue.Empty:
+                    yield stream.accept(outputs.get(timeout=POLL_S))
+                except queue.Empty:
                     self._loop.check_alive()
-                    continue
-                if isinstance(out, BaseException):
-                    finished = True
-                    raise out
-                finished = out.finished
-                yield out
-                if finished:
-                    return
         finally:
-            if not finished:
-                self._loop.abort(prepared.request_id)
+            stream.close()
 
     def _params_list(self, sampling_params, count: int) -> list[SamplingParams]:
         if sampling_params is None:

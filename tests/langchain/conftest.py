@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from xgenmm_lc_helpers import STANDARD_IMAGE_URL, local_png
+from tests.langchain.helpers import STANDARD_IMAGE_URL, local_png
 
 os.environ.setdefault("LANGCHAIN_TESTS_USER_AGENT", "xgenmm-tests (offline)")
 
@@ -26,7 +26,7 @@ def offline_standard_image(monkeypatch):
             raise AssertionError(f"unexpected network access in tests: {url}")
         return httpx.Response(200, content=png, request=httpx.Request("GET", url))
 
-    real_fetch = image_sources._fetch_remote
+    real_fetch = image_sources.fetch_remote_image
 
     def fake_fetch(url, policy, what):
         if url != STANDARD_IMAGE_URL:
@@ -36,5 +36,5 @@ def offline_standard_image(monkeypatch):
         return png, "image/png"
 
     monkeypatch.setattr(httpx, "get", fake_httpx_get)
-    monkeypatch.setattr(image_sources, "_fetch_remote", fake_fetch)
+    monkeypatch.setattr(image_sources, "fetch_remote_image", fake_fetch)
     return png

@@ -12,7 +12,7 @@ import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from pydantic import BaseModel, Field
 from typing_extensions import Annotated, TypedDict
-from xgenmm_lc_helpers import LoopbackImageServer, model_params, png_bytes
+from tests.langchain.helpers import LoopbackImageServer, model_params, png_bytes
 
 from langchain_xgenmm import ChatXGenMM
 from langchain_xgenmm.messages import to_core_messages
@@ -329,10 +329,10 @@ class _StubEngine:
                                                                          finish_reason="stop" if finished else None)],
                              finished, RequestMetrics(0.0, num_prompt_tokens=3, num_generated_tokens=4))
 
-    def chat(self, messages, params, tools=None, image_policy=None):
+    def chat(self, messages, params, tools=None, image_policy=None, **render_options):
         return [self._out(self.text, True)]
 
-    def chat_stream(self, messages, params, tools=None, image_policy=None):
+    def chat_stream(self, messages, params, tools=None, image_policy=None, **render_options):
         n = max(1, len(self.text) // self.pieces)
         deltas = [self.text[i:i + n] for i in range(0, len(self.text), n)] or [""]
         for i, d in enumerate(deltas):

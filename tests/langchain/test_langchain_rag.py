@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from langchain_core.documents import Document
 from PIL import Image
-from xgenmm_lc_helpers import model_params, png_bytes
+from tests.langchain.helpers import model_params, png_bytes
 
 from langchain_xgenmm import ChatXGenMM, XGenMMImageLoader, XGenMMImageQATool
 from langchain_xgenmm.document_loaders import OCR_PROMPT

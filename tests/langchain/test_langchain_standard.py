@@ -15,7 +15,7 @@ from langchain_tests.unit_tests import ChatModelUnitTests
 
 from langchain_xgenmm import ChatXGenMM
 
-from xgenmm_lc_helpers import model_params
+from tests.langchain.helpers import model_params
 
 RANDOM_MODEL = "needs a competent model: a random-weight checkpoint cannot read the question"
 

@@ -105,10 +105,13 @@ def test_no_tool_call_gives_empty_list_or_clear_error(tool_llm):
 def test_parallel_calls_are_cut_to_one_unless_allowed(tool_llm):
     text = ('<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>\n'
             '<tool_call>\n{"name": "add", "arguments": {"a": 3, "b": 4}}\n</tool_call>')
-    from llamaindex_xgenmm.responses import _assistant_message, parse_reply
+    from llamaindex_xgenmm.responses import _assistant_message
+    from xgenmm.chat import chat_choice
+    from xgenmm.outputs import CompletionOutput
 
     tool_specs = [t.metadata.to_openai_tool() for t in TOOLS]
-    both = ChatResponse(message=_assistant_message(parse_reply(text, tool_specs)))
+    both = ChatResponse(message=_assistant_message(chat_choice(CompletionOutput(0, text, [], finish_reason="stop"),
+                                                               tool_specs)))
     assert len(tool_llm.get_tool_calls_from_response(both)) == 2
     one = tool_llm._validate_chat_with_tools_response(both.model_copy(deep=True), TOOLS)
     assert [c.tool_kwargs for c in tool_llm.get_tool_calls_from_response(one)] == [{"a": 1, "b": 2}]

@@ -8,7 +8,7 @@ import io
 import pytest
 from PIL import Image
 
-from server_support import make_config
+from tests.server.support import make_config
 from xgenmm import AsyncLLM
 from xgenmm.engine.engine_loop import create_engine_loop
 from xgenmm.server import BackgroundServer

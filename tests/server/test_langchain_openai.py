@@ -11,7 +11,7 @@ from langchain_core.messages import HumanMessage, ToolMessage
 from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, Field
 
-from server_support import MODEL_NAME
+from tests.server.support import MODEL_NAME
 
 
 class Weather(BaseModel):

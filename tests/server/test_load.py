@@ -27,7 +27,7 @@ import time
 
 import httpx
 
-from server_support import MODEL_NAME
+from tests.server.support import MODEL_NAME
 
 NUM_CLIENTS = 64
 RSS_TOLERANCE_BYTES = 48 * 1024**2

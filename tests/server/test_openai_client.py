@@ -12,7 +12,7 @@ import pytest
 
 from xgenmm.server import BackgroundServer
 
-from server_support import MAX_IMAGES, MODEL_NAME, make_config
+from tests.server.support import MAX_IMAGES, MODEL_NAME, make_config
 
 WEATHER_TOOL = {
     "type": "function",

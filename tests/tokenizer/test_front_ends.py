@@ -6,20 +6,19 @@ tokenizer is the sentencepiece-trained Phi-3-layout one with recorded slow-token
 from __future__ import annotations
 
 import asyncio
-import io
 
 import json
-from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
 
+from tests.support import TOKENIZER_FIXTURES
 from xgenmm import LLM, AsyncLLM, RequestOutputKind, SamplingParams
 from xgenmm.engine.engine_loop import create_engine_loop
 from xgenmm.server import BackgroundServer, ServerConfig
 
-CASES = json.loads((Path(__file__).parents[1] / "fixtures" / "tokenizer" / "cases.json").read_text(encoding="utf-8"))
+CASES = json.loads((TOKENIZER_FIXTURES / "cases.json").read_text(encoding="utf-8"))
 RAW = [c for c in CASES if c["kind"] == "raw" and c["text"]]
 CHAT = [c for c in CASES if c["kind"] == "chat"]
 GREEDY_ONE = SamplingParams(temperature=0.0, max_tokens=1)

@@ -11,15 +11,15 @@ from __future__ import annotations
 import copy
 import json
 import pickle
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.support import TOKENIZER_FIXTURES
 from xgenmm import special_tokens as st
 from xgenmm.tokenizer import SlowLlamaPromptEncoder, XGenMMTokenizer, load_tokenizer
 
-CASES = json.loads((Path(__file__).parents[1] / "fixtures" / "tokenizer" / "cases.json").read_text(encoding="utf-8"))
+CASES = json.loads((TOKENIZER_FIXTURES / "cases.json").read_text(encoding="utf-8"))
 CASE_IDS = [c["id"] for c in CASES]
 TEXT = {c["id"]: c["text"] for c in CASES}
 

@@ -19,7 +19,7 @@ from PIL import Image  # noqa: E402
 from xgenmm import SamplingParams  # noqa: E402
 from xgenmm.backends import Engine, get_engine  # noqa: E402
 from xgenmm.errors import ImageCountMismatchError, PromptError, SamplingParamsError  # noqa: E402
-from xgenmm.image_processing import ImageProcessor  # noqa: E402
+from xgenmm.multimodal.image_processing import ImageProcessor  # noqa: E402
 from xgenmm.sampling_params import RequestOutputKind, StructuredOutputsParams  # noqa: E402
 from xgenmm.special_tokens import END_TOKEN_ID, IMAGE_TOKEN_ID  # noqa: E402
 
@@ -66,14 +66,20 @@ def test_get_engine_returns_vllm_front_ends(vllm_engine):
     assert tok.convert_tokens_to_ids("<image>") == IMAGE_TOKEN_ID and len(tok) == 32015
 
 
-def test_vllm_loop_has_every_method_the_front_ends_call_on_a_native_loop(vllm_engine):
-    """`LLM` / `AsyncLLM` drive either loop; a method missing on one side only shows up when a waiter polls it."""
-    from xgenmm.backends.vllm_backend import VllmEngineLoop
-    from xgenmm.engine.engine_loop import EngineLoop
+def test_vllm_runs_on_the_native_engine_loop(vllm_engine, native_engine):
+    """One generic loop drives both engine cores; the vLLM core offers every method of the `EngineCore` protocol
+    and every attribute the front ends read from a native engine."""
+    from xgenmm.backends.vllm_backend import VllmEngineCore
+    from xgenmm.engine.engine_loop import EngineCore, EngineLoop
 
-    public = {n for n in dir(EngineLoop) if not n.startswith("_")}
-    assert public <= set(dir(VllmEngineLoop)), sorted(public - set(dir(VllmEngineLoop)))
-    vllm_engine.sync._loop.check_alive()  # running: no error
+    loop = vllm_engine.sync._loop
+    assert type(loop) is EngineLoop and type(native_engine.sync._loop) is EngineLoop
+    assert isinstance(loop.engine, VllmEngineCore)
+    protocol = {n for n in vars(EngineCore) if not n.startswith("_")}
+    assert protocol <= set(dir(VllmEngineCore)), sorted(protocol - set(dir(VllmEngineCore)))
+    for name in ("tokenizer", "chat_renderer", "config", "model_name", "max_model_len", "input_processor"):
+        assert getattr(loop.engine, name) is not None and getattr(native_engine.sync._loop.engine, name) is not None
+    loop.check_alive()  # running: no error
 
 
 def test_greedy_tokens_equal_fixtures_and_native(vllm_engine, native_engine, fixture_dir, fixture_cases):

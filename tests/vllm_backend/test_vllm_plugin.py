@@ -102,7 +102,7 @@ def test_variant_loads_and_matches_native(tmp_path, fixture_dir, variant):
 def test_serving_chat_template_renders_like_the_native_renderer(fixture_checkpoint_with_tokenizer):
     """`--chat-template` from `xgenmm.vllm_plugin.chat_template` gives vLLM the native prompt (default system turn,
     system messages on top, `<image>\\n` before the text of an image message, as vLLM flattens image parts)."""
-    from xgenmm.prompts import ChatRenderer
+    from xgenmm.chat.template import ChatRenderer
     from xgenmm.tokenizer import load_tokenizer
     from xgenmm.vllm_plugin.chat_template import XGENMM_CHAT_TEMPLATE
 
@@ -136,7 +136,7 @@ def test_text_only_engine_without_vision_tower(tmp_path):
     vllm_engine = get_engine("vllm", model=str(ckpt), dtype="float32", max_images_per_prompt=0, **SMALL_ENGINE)
     native_engine = get_engine("native", model=str(ckpt), device="cpu", dtype="float32")
     try:
-        assert type(vllm_engine.sync._loop._engine.model_executor.driver_worker.worker.model_runner.model.vision
+        assert type(vllm_engine.sync._loop.engine.vllm_engine.model_executor.driver_worker.worker.model_runner.model.vision
                     ).__name__ == "StageMissingLayer"
         v = vllm_engine.sync.generate(prompt, params)[0]
         n = native_engine.sync.generate(prompt, params)[0]

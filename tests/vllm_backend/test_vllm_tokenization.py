@@ -8,7 +8,6 @@ Runs only where vLLM is installed (`.venv-vllm`, via `.ci/vllm.sh`).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -16,10 +15,11 @@ pytest.importorskip("vllm")
 
 from PIL import Image  # noqa: E402
 
+from tests.support import TOKENIZER_FIXTURES  # noqa: E402
 from xgenmm import SamplingParams  # noqa: E402
 from xgenmm.backends import get_engine  # noqa: E402
 
-CASES = json.loads((Path(__file__).parents[1] / "fixtures" / "tokenizer" / "cases.json").read_text(encoding="utf-8"))
+CASES = json.loads((TOKENIZER_FIXTURES / "cases.json").read_text(encoding="utf-8"))
 RAW = [c for c in CASES if c["kind"] == "raw" and c["text"]]
 CHAT = [c for c in CASES if c["kind"] == "chat"]
 SMALL_ENGINE = dict(max_model_len=4096, max_num_seqs=8)

@@ -36,9 +36,15 @@ class Engine:
 
 
 def get_engine(backend: str = "native", *, model: str, device: str | None = None, dtype: Any = None,
-               **options: Any) -> Engine:
-    """The process-wide engine for `model` on `backend` ("native" or "vllm"), created on first use."""
+               tensor_parallel_size: int = 1, **options: Any) -> Engine:
+    """The process-wide engine for `model` on `backend` ("native" or "vllm"), created on first use. Every front end
+    (LangChain, LlamaIndex, the CLI) resolves its engine here. `tensor_parallel_size` > 1 needs the vLLM backend."""
     name = str(backend).lower()
+    if name == "native" and tensor_parallel_size != 1:
+        raise ConfigError(f"tensor_parallel_size={tensor_parallel_size} needs backend='vllm' (the native engine runs "
+                          "on one device)")
+    if name == "vllm" and tensor_parallel_size != 1:
+        options["tensor_parallel_size"] = tensor_parallel_size
     if name == "native":
         from ..async_llm import AsyncLLM
         from ..llm import LLM
@@ -47,7 +53,7 @@ def get_engine(backend: str = "native", *, model: str, device: str | None = None
                       AsyncLLM(model, device=device, dtype=dtype, **options))
     if name == "vllm":
         try:
-            import vllm  # noqa: F401
+            import vllm  # noqa: F401  (only to fail early with an install hint)
         except ImportError as exc:
             raise ConfigError('backend "vllm" needs vLLM: pip install "xgenmm[vllm]" (vLLM 0.32)') from exc
         from .vllm_backend import VllmAsyncLLM, VllmLLM, get_vllm_engine_loop

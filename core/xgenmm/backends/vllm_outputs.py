@@ -1,8 +1,9 @@
 """vLLM `RequestOutput`s -> ours, per request, with the native engine's output kinds and metrics.
 
-vLLM is always asked for cumulative outputs; `RequestTracker` keeps each sample's latest state and emits what the
-native engine would: everything so far (CUMULATIVE), only what is new since the last emission (DELTA), or one final
-output (FINAL_ONLY). An abort ends every unfinished sample with finish_reason "abort", like the native engine.
+vLLM is always asked for cumulative outputs; `RequestTracker` keeps each sample's latest state and emits it with the
+native engine's own emission rule (`engine.output_processor.emit_request_output`): everything so far (CUMULATIVE),
+only what is new since the last emission (DELTA), or one final output (FINAL_ONLY). An abort ends every unfinished
+sample with finish_reason "abort", like the native engine.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from ..outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from ..sampling_params import RequestOutputKind, SamplingParams
-from .vllm_params import native_stop_reason
+from ..engine.output_processor import emit_request_output
+from ..outputs import Logprob, RequestMetrics, RequestOutput
+from ..sampling_params import SamplingParams
+from .vllm_params import greedy_replicas, native_stop_reason
 
 
 @dataclass
@@ -66,6 +68,7 @@ class RequestTracker:
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
         self.samples = {i: _Sample(i) for i in range(params.n)}
+        self.replicas = greedy_replicas(params)  # greedy n > 1: vLLM makes one sample, reported n times
         self.metrics = RequestMetrics(arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
                                       num_prompt_tokens=fused_length)
         self.num_cached_tokens = 0
@@ -77,15 +80,8 @@ class RequestTracker:
         if self.metrics.first_scheduled_time is None:
             self.metrics.first_scheduled_time = now
         for comp in vout.outputs:
-            sample = self.samples.setdefault(comp.index, _Sample(comp.index))
-            sample.text = _strip_leading_spaces(comp.text, self.strip_leading_spaces)
-            sample.token_ids = list(comp.token_ids)
-            sample.cumulative_logprob = comp.cumulative_logprob
-            if comp.logprobs is not None:  # convert only the positions not seen yet
-                known = sample.logprobs or []
-                sample.logprobs = known + _convert_logprobs(comp.logprobs[len(known) :])
-            sample.finish_reason = comp.finish_reason
-            sample.stop_reason = native_stop_reason(comp.stop_reason, self.params) if comp.finish_reason else None
+            for index in range(self.replicas) if self.replicas > 1 else (comp.index,):
+                self._fold(self.samples.setdefault(index, _Sample(index)), comp)
         generated = sum(len(s.token_ids) for s in self.samples.values())
         if generated and self.metrics.first_token_time is None:
             self.metrics.first_token_time = now
@@ -96,6 +92,17 @@ class RequestTracker:
             self.metrics.num_prompt_tokens = len(vout.prompt_token_ids)
         self.finished = bool(vout.finished)
         return self._emit()
+
+    def _fold(self, sample: _Sample, comp) -> None:
+        """One vLLM sample's cumulative state into ours."""
+        sample.text = _strip_leading_spaces(comp.text, self.strip_leading_spaces)
+        sample.token_ids = list(comp.token_ids)
+        sample.cumulative_logprob = comp.cumulative_logprob
+        if comp.logprobs is not None:  # convert only the positions not seen yet
+            known = sample.logprobs or []
+            sample.logprobs = known + _convert_logprobs(comp.logprobs[len(known) :])
+        sample.finish_reason = comp.finish_reason
+        sample.stop_reason = native_stop_reason(comp.stop_reason, self.params) if comp.finish_reason else None
 
     def abort(self) -> RequestOutput | None:
         """The final output of an aborted request (every unfinished sample ends with "abort")."""
@@ -108,35 +115,5 @@ class RequestTracker:
         return self._emit(force=True)
 
     def _emit(self, force: bool = False) -> RequestOutput | None:
-        kind = self.params.output_kind
-        if self.finished and self.metrics.finished_time is None:
-            self.metrics.finished_time = time.monotonic()
-        if kind is RequestOutputKind.FINAL_ONLY and not self.finished:
-            return None
-        outputs = []
-        for sample in sorted(self.samples.values(), key=lambda s: s.index):
-            if kind is RequestOutputKind.DELTA:
-                tokens = sample.token_ids[sample.sent_tokens :]
-                text = sample.text[sample.sent_text :]
-                logprobs = None if sample.logprobs is None else sample.logprobs[sample.sent_tokens :]
-            else:
-                tokens, text, logprobs = list(sample.token_ids), sample.text, sample.logprobs
-            sample.sent_tokens, sample.sent_text = len(sample.token_ids), len(sample.text)
-            outputs.append(CompletionOutput(
-                index=sample.index,
-                text=text,
-                token_ids=tokens,
-                cumulative_logprob=sample.cumulative_logprob,
-                logprobs=logprobs,
-                finish_reason=sample.finish_reason,
-                stop_reason=sample.stop_reason,
-            ))
-        return RequestOutput(
-            request_id=self.request_id,
-            prompt=self.prompt,
-            prompt_token_ids=list(self.prompt_token_ids),
-            outputs=outputs,
-            finished=self.finished,
-            metrics=self.metrics,
-            num_cached_tokens=self.num_cached_tokens,
-        )
+        return emit_request_output(self.request_id, self.prompt, self.prompt_token_ids, self.samples.values(),
+                                   self.params.output_kind, self.finished, self.metrics, self.num_cached_tokens, force)

@@ -68,6 +68,11 @@ def to_vllm_structured_outputs(so: StructuredOutputsParams, backend: str = "guid
     return VllmStructuredOutputsParams(grammar=so.grammar)
 
 
+def greedy_replicas(params: SamplingParams) -> int:
+    """How many identical samples the backend must report for one vLLM sample (n for greedy n > 1, else 1)."""
+    return params.n if params.n > 1 and params.temperature == 0.0 else 1
+
+
 def to_vllm_sampling_params(params: SamplingParams, structured_backend: str = "guidance", **overrides: Any):
     """A vLLM `SamplingParams` with the same meaning. Outputs are always requested cumulative: the backend produces
     DELTA / FINAL_ONLY itself, exactly as the native engine does (including the final output of an abort)."""
@@ -83,7 +88,9 @@ def to_vllm_sampling_params(params: SamplingParams, structured_backend: str = "g
     if not params.ignore_eos:  # the native engine ends on <|end|> and <|endoftext|>, whatever generation_config says
         stop_token_ids += [t for t in EOS_TOKEN_IDS if t not in stop_token_ids]
     fields = dict(
-        n=params.n,
+        # vLLM refuses n > 1 with greedy sampling; every greedy sample is the same, so one is asked for and the
+        # backend's RequestTracker reports it n times (as the native engine would produce it).
+        n=1 if greedy_replicas(params) > 1 else params.n,
         temperature=params.temperature,
         top_p=params.top_p,
         top_k=params.top_k,

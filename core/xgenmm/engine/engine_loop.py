@@ -1,9 +1,12 @@
 """The background engine loop, and the process-wide registry of shared engines.
 
-One thread owns each `LLMEngine` and steps it while any request is in flight; callers on any thread (sync `LLM`,
+One thread owns each engine core and steps it while any request is in flight; callers on any thread (sync `LLM`,
 asyncio `AsyncLLM`, adapters, the server) submit prepared requests and receive outputs through a sink callback. So
 every in-flight request, whoever sent it, is continuously batched with the others, and nothing but the loop thread
 touches the model or the KV cache. One engine per (model, device, dtype) per process: weights load once.
+
+The loop is generic over the `EngineCore` protocol (add / step / abort / fail): the native `LLMEngine` and the vLLM
+backend's `VllmEngineCore` both run on it.
 """
 
 from __future__ import annotations
@@ -14,14 +17,15 @@ import logging
 import queue
 import threading
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
 from ..checkpoint import resolve_model_dir
 from ..errors import EngineDeadError, RequestAbortedError
 from ..outputs import RequestOutput
-from .llm_engine import LLMEngine, PreparedRequest, _deliver
+from .llm_engine import LLMEngine
+from .output_processor import deliver
 
 logger = logging.getLogger("xgenmm.engine")
 
@@ -33,22 +37,46 @@ def new_request_id(prefix: str = "req") -> str:
     return f"{prefix}-{next(_request_counter)}"
 
 
+class EngineCore(Protocol):
+    """What `EngineLoop` drives. `prepare` and `stats` may run on any thread; everything else runs on the loop thread.
+    Optional: `start()` (run on the loop thread before it serves; vLLM builds its engine there) and `close()` (run
+    on the loop thread when it stops)."""
+
+    def prepare(self, prompt: Any, params: Any, request_id: str, image_policy: Any = None) -> Any: ...
+
+    def add_request(self, prepared: Any, sink: Sink) -> None: ...  # raises for this request alone
+
+    def abort_request(self, request_id: str) -> None: ...
+
+    def step(self) -> None: ...
+
+    def has_unfinished_requests(self) -> bool: ...
+
+    def fail_requests(self, exc: BaseException, request_ids: Any = None) -> None: ...
+
+    def stats(self) -> Any: ...
+
+
 class EngineLoop:
-    def __init__(self, engine: LLMEngine):
+    """One engine core on one background thread; thread-safe `prepare` / `submit` / `abort` for every front end."""
+
+    def __init__(self, engine: EngineCore, name: str = "xgenmm-engine-loop"):
         self.engine = engine
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._sinks: dict[str, Sink] = {}
-        self._lock = threading.Lock()
         self._stopped = False
         self._dead: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="xgenmm-engine-loop", daemon=True)
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
+        self._ready.wait()
+        if self._dead is not None:  # the core could not start (e.g. vLLM refused the model)
+            raise self._dead
 
     # ---- called from any thread ----------------------------------------------------------------------------------
-    def prepare(self, prompt: Any, params, request_id: str | None = None, image_policy=None) -> PreparedRequest:
+    def prepare(self, prompt: Any, params, request_id: str | None = None, image_policy=None):
         return self.engine.prepare(prompt, params, request_id or new_request_id(), image_policy)
 
-    def submit(self, prepared: PreparedRequest, sink: Sink) -> None:
+    def submit(self, prepared, sink: Sink) -> None:
         if self._dead is not None:
             raise EngineDeadError(f"the engine loop stopped: {self._dead!r}")
         if self._stopped:
@@ -67,7 +95,7 @@ class EngineLoop:
         self._stopped = True
         self._commands.put(("stop", None, None))
         if threading.current_thread() is not self._thread:
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=60)
 
     def check_alive(self) -> None:
         """Raise EngineDeadError if the loop thread is gone (waiters poll this instead of blocking forever)."""
@@ -78,9 +106,22 @@ class EngineLoop:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
+    @property
+    def is_stopped(self) -> bool:
+        return self._stopped
+
     # ---- loop thread ---------------------------------------------------------------------------------------------
     def _run(self) -> None:
         engine = self.engine
+        try:
+            start = getattr(engine, "start", None)
+            if start is not None:
+                start()
+        except BaseException as exc:
+            self._dead = exc
+            self._ready.set()
+            return
+        self._ready.set()
         try:
             while True:
                 block = not engine.has_unfinished_requests()
@@ -91,6 +132,7 @@ class EngineLoop:
                 while cmd is not None:
                     if not self._handle(cmd):
                         self._fail_all(RequestAbortedError("the engine was shut down"))
+                        self._close()
                         return
                     try:
                         cmd = self._commands.get_nowait()
@@ -101,8 +143,7 @@ class EngineLoop:
                         engine.step()
                     except Exception as exc:  # an engine bug: fail the requests in flight, keep serving new ones
                         logger.exception("engine step failed; failing the requests in flight")
-                        for rid in list(engine._requests):
-                            engine._fail(rid, exc)
+                        engine.fail_requests(exc)
         except BaseException as exc:  # pragma: no cover - defensive: report to every waiter
             logger.exception("engine loop died")
             self._dead = exc
@@ -115,24 +156,29 @@ class EngineLoop:
         if kind == "abort":
             self.engine.abort_request(arg)
             return True
-        prepared: PreparedRequest = arg
         try:
-            self.engine.add_request(prepared, sink)
+            self.engine.add_request(arg, sink)
         except Exception as exc:  # this request fails alone
-            _deliver(sink, exc)
+            deliver(sink, exc)
         return True
 
     def _fail_all(self, exc: BaseException) -> None:
-        for rid in list(self.engine._requests):
-            req = self.engine._requests.pop(rid)
-            _deliver(req.sink, exc)
+        self.engine.fail_requests(exc)
         while True:
             try:
-                kind, arg, sink = self._commands.get_nowait()
+                kind, _arg, sink = self._commands.get_nowait()
             except queue.Empty:
                 break
             if kind == "add":
-                _deliver(sink, exc)
+                deliver(sink, exc)
+
+    def _close(self) -> None:
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:  # pragma: no cover - best effort at shutdown
+                logger.debug("engine close failed", exc_info=True)
 
 
 _engines: dict[tuple[str, str, str], EngineLoop] = {}
@@ -143,7 +189,7 @@ def get_engine_loop(model: str, device: str | torch.device | None = None, dtype:
                     **options: Any) -> EngineLoop:
     """The process-wide engine for (model, device, dtype), created on first use and shared by every caller."""
     from ..checkpoint import parse_dtype
-    from ..config import XGenMMConfig
+    from ..model.config import XGenMMConfig
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and dev.index is None:
@@ -153,7 +199,7 @@ def get_engine_loop(model: str, device: str | torch.device | None = None, dtype:
         resolved_dtype = parse_dtype(dtype, XGenMMConfig.from_pretrained(path), dev)
         key = (str(path.resolve()), str(dev), str(resolved_dtype))
         loop = _engines.get(key)
-        if loop is not None and loop.is_alive and not loop._stopped:
+        if loop is not None and loop.is_alive and not loop.is_stopped:
             if options:
                 logger.info("reusing the shared engine for %s; options %s apply only when it is first created", key, options)
             return loop

@@ -9,14 +9,31 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import TYPE_CHECKING, Sequence
+from dataclasses import dataclass
+from typing import Protocol, Sequence
 
 import torch
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .sampler import SamplingState
+__all__ = ["PenaltySlot", "PenalisedSequence", "TokenCountPool", "apply_penalties"]
 
-__all__ = ["TokenCountPool", "apply_penalties"]
+
+@dataclass
+class PenaltySlot:
+    """A sequence's row in a `TokenCountPool`: which pool, which row, how many output tokens are counted in it."""
+
+    pool: "TokenCountPool"
+    index: int
+    counted: int
+    finalizer: weakref.finalize
+
+
+class PenalisedSequence(Protocol):
+    """What the pool reads of a sequence's sampling state (`xgenmm.engine.sampler.SamplingState`)."""
+
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+    repetition_penalty_over_prompt: bool
+    penalty_slot: PenaltySlot | None
 
 
 def apply_penalties(
@@ -72,55 +89,50 @@ class TokenCountPool:
         with self._lock:
             self._free.append(slot)
 
-    def release(self, state: "SamplingState") -> None:
-        """Give the state's slot back (idempotent)."""
-        finalizer = state._penalty_finalizer
-        if finalizer is not None and state._penalty_pool is self:
-            finalizer()  # calls _free_slot once
-        state._penalty_slot = None
-        state._penalty_pool = None
-        state._penalty_finalizer = None
+    def release(self, state: PenalisedSequence) -> None:
+        """Give the state's row back (idempotent)."""
+        slot = state.penalty_slot
+        if slot is not None and slot.pool is self:
+            slot.finalizer()  # calls _free_slot once
+        state.penalty_slot = None
 
-    def slots_for(self, states: Sequence["SamplingState"]) -> torch.Tensor:
-        """Slot indices (on the pool's device) for `states`, after counting their new output tokens."""
+    def slots_for(self, states: Sequence[PenalisedSequence]) -> torch.Tensor:
+        """Row indices (on the pool's device) for `states`, after counting their new output tokens."""
         rows: list[int] = []
         new_rows: list[int] = []
         new_tokens: list[int] = []
         for state in states:
-            slot = state._penalty_slot
-            if slot is None or state._penalty_pool is not self:
+            slot = state.penalty_slot
+            if slot is None or slot.pool is not self:
                 slot = self._assign(state)
-            counted = state._penalty_counted
             outputs = state.output_token_ids
-            if len(outputs) < counted:  # the output was rewritten: count from scratch
-                self.counts[slot].zero_()
-                counted = 0
-            if len(outputs) > counted:
-                fresh = outputs[counted:]
-                new_rows.extend([slot] * len(fresh))
+            if len(outputs) < slot.counted:  # the output was rewritten: count from scratch
+                self.counts[slot.index].zero_()
+                slot.counted = 0
+            if len(outputs) > slot.counted:
+                fresh = outputs[slot.counted:]
+                new_rows.extend([slot.index] * len(fresh))
                 new_tokens.extend(fresh)
-                state._penalty_counted = len(outputs)
-            rows.append(slot)
+                slot.counted = len(outputs)
+            rows.append(slot.index)
         if new_tokens:
             index = torch.tensor([new_rows, new_tokens], dtype=torch.long).to(self.device, non_blocking=True)
             ones = torch.ones(len(new_tokens), dtype=torch.int32, device=self.device)
             self.counts.index_put_((index[0], index[1]), ones, accumulate=True)
         return torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
 
-    def _assign(self, state: "SamplingState") -> int:
-        if state._penalty_pool is not None:  # moved to another pool (another device / sampler)
-            state._penalty_pool.release(state)
+    def _assign(self, state: PenalisedSequence) -> PenaltySlot:
+        if state.penalty_slot is not None:  # moved to another pool (another device / sampler)
+            state.penalty_slot.pool.release(state)
         with self._lock:
             if not self._free:
                 self._grow()
-            slot = self._free.pop()
-        self.counts[slot].zero_()
-        self.prompt_mask[slot].zero_()
+            index = self._free.pop()
+        self.counts[index].zero_()
+        self.prompt_mask[index].zero_()
         prompt = [t for t in state.prompt_token_ids if 0 <= t < self.vocab_size] if state.repetition_penalty_over_prompt else []
         if prompt:
-            self.prompt_mask[slot, torch.tensor(prompt, dtype=torch.long).to(self.device)] = True
-        state._penalty_slot = slot
-        state._penalty_pool = self
-        state._penalty_counted = 0
-        state._penalty_finalizer = weakref.finalize(state, self._free_slot, slot)
+            self.prompt_mask[index, torch.tensor(prompt, dtype=torch.long).to(self.device)] = True
+        slot = PenaltySlot(self, index, 0, weakref.finalize(state, self._free_slot, index))
+        state.penalty_slot = slot
         return slot

@@ -27,7 +27,7 @@ from ..sampling_params import SamplingParams
 from ..special_tokens import END_TOKEN_ID
 from ..structured.bitmask import allocate_token_bitmask, apply_token_bitmask
 from ..structured.matcher import GrammarMatcher, fill_bitmasks
-from .penalties import TokenCountPool, apply_penalties
+from .penalties import PenaltySlot, TokenCountPool, apply_penalties
 
 __all__ = ["SamplingState", "Sampler", "SamplerOutput", "make_generator", "Logprobs"]
 
@@ -61,11 +61,8 @@ class SamplingState:
     # vLLM / HF-with-input_ids: the repetition penalty also covers prompt tokens. HF `generate(inputs_embeds=...)`
     # (the official xGen-MM path) has no prompt ids, so it penalises generated tokens only: set False to match it.
     repetition_penalty_over_prompt: bool = True
-    # penalty bookkeeping (owned by the sampler's TokenCountPool)
-    _penalty_pool: TokenCountPool | None = field(default=None, init=False, repr=False)
-    _penalty_slot: int | None = field(default=None, init=False, repr=False)
-    _penalty_counted: int = field(default=0, init=False, repr=False)
-    _penalty_finalizer: object = field(default=None, init=False, repr=False)
+    # this sequence's row in the sampler's penalty pool (assigned and released by the pool)
+    penalty_slot: PenaltySlot | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def create(
@@ -128,8 +125,8 @@ class Sampler:
 
     def release(self, state: SamplingState) -> None:
         """Free the state's penalty slot now (it is also freed when the state is garbage-collected)."""
-        if state._penalty_pool is not None:
-            state._penalty_pool.release(state)
+        if state.penalty_slot is not None:
+            state.penalty_slot.pool.release(state)
 
     def __call__(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> SamplerOutput:
         if logits.dim() != 2 or logits.shape[0] != len(states):

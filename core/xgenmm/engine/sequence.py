@@ -15,7 +15,6 @@ from typing import Iterable
 
 from xgenmm.errors import PromptError
 
-IMAGE_PLACEHOLDER_ID = 32012
 
 _seq_counter = itertools.count()
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PerceiverConfig
+from .config import PerceiverConfig
 
 
 class PerceiverAttention(nn.Module):

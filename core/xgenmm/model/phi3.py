@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention.base import AttentionBackend, AttentionMetadata, KVCache
-from ..config import TextConfig
+from .config import TextConfig
 
 
 class RMSNorm(nn.Module):

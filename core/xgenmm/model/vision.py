@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import XGenMMConfig
+from .config import XGenMMConfig
 from .perceiver import PerceiverResampler
 from .siglip import build_siglip_vision_tower, reset_siglip_buffers, siglip_features
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention.base import AttentionBackend, AttentionMetadata, KVCache
-from ..config import XGenMMConfig
+from .config import XGenMMConfig
 from .cpu_linear import onednn_linear, use_onednn_linears
 from .phi3 import Phi3Decoder
 from .vision import VisionEncoder

@@ -5,11 +5,8 @@ end refuses the same things the same way. Accepted sources: a ``PIL.Image.Image`
 ``memoryview``, a binary file object, a base64 string, a ``data:`` URL, an ``http(s)://`` URL, a ``file://`` URL, a
 local path (``str`` / ``os.PathLike``) and the OpenAI ``{"url": ...}`` object.
 
-Defaults are closed: no remote fetches, no local files. Remote fetching (stdlib only) resolves the host itself, refuses
-non-public addresses (loopback, private, link-local, CGNAT, multicast, reserved, unspecified; IPv4 and IPv6, including
-IPv4 embedded in IPv6) unless ``allow_private_addresses``, connects to the vetted address (no second DNS lookup, so no
-DNS-rebinding window), re-checks the peer after connecting, follows at most 3 redirects re-vetting each, ignores proxy
-environment variables, enforces one overall deadline and streams the body with a byte limit. Every image is decoded in
+Defaults are closed: no remote fetches, no local files. Remote fetching and its SSRF guard live in
+``remote_fetch.py``. Every image is decoded in
 full here (``img.load()``) so corrupt or truncated data fails in this call, and only common raster formats are
 opened (never EPS and friends, which can run external programs).
 """
@@ -18,18 +15,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import concurrent.futures
-import http.client
 import io
-import ipaddress
 import os
 import re
-import socket
-import ssl
 import stat
 import struct
-import threading
-import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
@@ -38,7 +28,8 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from xgenmm.errors import ImageError, ImageSourceNotAllowedError, ImageTooLargeError
-from xgenmm.image_processing import (
+from xgenmm.multimodal.remote_fetch import MAX_REDIRECTS, check_byte_limit, fetch_remote_image, is_public_address
+from xgenmm.multimodal.image_processing import (
     DEFAULT_MAX_IMAGE_PIXELS,
     check_image_pixels,
     ensure_pil_pixel_limit_at_least,
@@ -56,19 +47,13 @@ __all__ = [
 ]
 
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
-MAX_REDIRECTS = 3
 # Pillow plugins we let identify untrusted bytes: the usual raster formats (HEIF/AVIF when a plugin provides them).
 SAFE_IMAGE_FORMATS: tuple[str, ...] = (
     "PNG", "JPEG", "GIF", "WEBP", "BMP", "DIB", "TIFF", "ICO", "PPM", "TGA", "QOI", "AVIF", "HEIF",
 )
 
-_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-_READ_CHUNK = 64 * 1024
-_USER_AGENT = "xgenmm-image-fetcher/1"
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _BASE64_RE = re.compile(r"^[A-Za-z0-9+/\-_]+={0,2}$")
-_NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")
-_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
 # Magic numbers of SAFE_IMAGE_FORMATS, used only to tell a base64 string from a path.
 _IMAGE_SIGNATURES: tuple[bytes, ...] = (
     b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*", b"\x00\x00\x01\x00",
@@ -109,6 +94,17 @@ class ImageInputPolicy:
             raise ValueError(f"max_image_pixels must be positive or None, got {self.max_image_pixels}")
         if not self.fetch_timeout_s > 0:
             raise ValueError(f"fetch_timeout_s must be positive, got {self.fetch_timeout_s}")
+
+
+    # The option names every front end exposes (the LangChain and LlamaIndex adapters' fields, the CLI's flags).
+    SETTINGS = ("allow_remote_images", "allow_local_files", "allow_private_addresses", "local_file_roots",
+                "max_image_bytes", "max_image_pixels", "fetch_timeout_s")
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> "ImageInputPolicy":
+        """The policy from an object with those option names as attributes (an adapter's fields); missing ones keep
+        the defaults."""
+        return cls(**{name: getattr(settings, name) for name in cls.SETTINGS if hasattr(settings, name)})
 
 
 _DEFAULT_POLICY = ImageInputPolicy()
@@ -169,7 +165,7 @@ def _load_from_string(source: str, policy: ImageInputPolicy, what: str) -> Image
         if scheme == "file":
             return _load_local_file(_file_url_to_path(text, what), policy, what)
         if scheme in ("http", "https"):
-            body, content_type = _fetch_remote(text, policy, what)
+            body, content_type = fetch_remote_image(text, policy, what)
             return _decode_image_bytes(body, policy, what, content_type=content_type)
         raise ImageSourceNotAllowedError(
             f"{what}: URL scheme {scheme!r} is not supported (use http(s), data: or file:// URLs)"
@@ -188,7 +184,7 @@ def _load_from_string(source: str, policy: ImageInputPolicy, what: str) -> Image
 def _decode_image_bytes(
     data: bytes, policy: ImageInputPolicy, what: str, *, content_type: str | None = None
 ) -> Image.Image:
-    _check_bytes(len(data), policy.max_image_bytes, what)
+    check_byte_limit(len(data), policy.max_image_bytes, what)
     if not data:
         raise ImageError(f"{what}: image data is empty")
     ensure_pil_pixel_limit_at_least(policy.max_image_pixels)
@@ -237,11 +233,6 @@ def _peek_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _check_bytes(num_bytes: int, max_bytes: int | None, what: str) -> None:
-    if max_bytes is not None and num_bytes > max_bytes:
-        raise ImageTooLargeError(f"{what}: image data is {num_bytes} bytes, over the limit of {max_bytes} bytes")
-
-
 def _read_limited(stream: Any, max_bytes: int | None, what: str) -> bytes:
     try:
         data = stream.read() if max_bytes is None else stream.read(max_bytes + 1)
@@ -272,7 +263,7 @@ def _b64decode(payload: str, max_bytes: int | None, what: str) -> bytes:
         data = base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ImageError(f"{what}: invalid base64 image data: {exc}") from exc
-    _check_bytes(len(data), max_bytes, what)
+    check_byte_limit(len(data), max_bytes, what)
     return data
 
 
@@ -309,7 +300,7 @@ def decode_data_url(url: str, *, max_bytes: int | None = None, what: str = "imag
     if max_bytes is not None and len(payload) > 3 * max_bytes + 3:
         raise ImageTooLargeError(f"{what}: data URL payload is over the limit of {max_bytes} bytes")
     data = urllib.parse.unquote_to_bytes(payload)
-    _check_bytes(len(data), max_bytes, what)
+    check_byte_limit(len(data), max_bytes, what)
     return mime, data
 
 
@@ -374,275 +365,6 @@ def _load_local_file(path: str, policy: ImageInputPolicy, what: str, *, maybe_ba
         info = os.fstat(handle.fileno())
         if not stat.S_ISREG(info.st_mode):
             raise ImageError(f"{what}: {path!r} is not a regular file")
-        _check_bytes(info.st_size, policy.max_image_bytes, what)
+        check_byte_limit(info.st_size, policy.max_image_bytes, what)
         data = _read_limited(handle, policy.max_image_bytes, what)
     return _decode_image_bytes(data, policy, what)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Remote URLs
-# --------------------------------------------------------------------------------------------------------------
-
-
-def is_public_address(address: str) -> bool:
-    """True for a globally routable unicast IP. IPv4 carried inside IPv6 (mapped, 6to4, Teredo, NAT64, the
-    deprecated IPv4-compatible form) is judged by the IPv4 address it carries."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address):
-        embedded: list[ipaddress.IPv4Address] = []
-        if ip.ipv4_mapped is not None:
-            return is_public_address(str(ip.ipv4_mapped))
-        if ip.sixtofour is not None:
-            embedded.append(ip.sixtofour)
-        if ip.teredo is not None:
-            embedded.extend(ip.teredo)
-        if ip in _NAT64_PREFIX or ip in _IPV4_COMPATIBLE:
-            embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
-        if any(not is_public_address(str(v4)) for v4 in embedded):
-            return False
-        if ip.is_site_local:
-            return False
-    if (
-        ip.is_private
-        or ip.is_loopback
-        or ip.is_link_local
-        or ip.is_multicast
-        or ip.is_reserved
-        or ip.is_unspecified
-    ):
-        return False
-    return ip.is_global
-
-
-_DNS_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="xgenmm-dns")
-
-
-def _resolve_host(host: str, port: int, timeout_s: float) -> list[str]:
-    """All addresses ``host`` resolves to (IP literals returned as is), with a deadline on the lookup."""
-    try:
-        ipaddress.ip_address(host.split("%", 1)[0])
-        return [host]
-    except ValueError:
-        pass
-    future = _DNS_POOL.submit(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
-    infos = future.result(timeout=timeout_s)
-    addresses: list[str] = []
-    for _family, _type, _proto, _canon, sockaddr in infos:
-        address = str(sockaddr[0])
-        if address not in addresses:
-            addresses.append(address)
-    return addresses
-
-
-@dataclass(frozen=True)
-class _VettedTarget:
-    url: str
-    scheme: str
-    host: str
-    port: int
-    request_path: str
-    addresses: tuple[str, ...]
-
-
-def _vet_url(url: str, policy: ImageInputPolicy, what: str, deadline: float) -> _VettedTarget:
-    try:
-        parts = urllib.parse.urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise ImageError(f"{what}: invalid URL {url!r}: {exc}") from exc
-    scheme = parts.scheme.lower()
-    if scheme not in ("http", "https") or scheme not in policy.allowed_schemes:
-        raise ImageSourceNotAllowedError(
-            f"{what}: URL scheme {scheme!r} is not allowed for remote images "
-            f"(allowed_schemes={list(policy.allowed_schemes)})"
-        )
-    host = parts.hostname
-    if not host:
-        raise ImageError(f"{what}: URL {url!r} has no host")
-    port = port if port is not None else (443 if scheme == "https" else 80)
-    try:
-        addresses = _resolve_host(host, port, max(deadline - time.monotonic(), 0.001))
-    except concurrent.futures.TimeoutError as exc:
-        raise ImageError(f"{what}: resolving {host!r} timed out after {policy.fetch_timeout_s}s") from exc
-    except (OSError, UnicodeError) as exc:
-        raise ImageError(f"{what}: cannot resolve host {host!r}: {exc}") from exc
-    if not addresses:
-        raise ImageError(f"{what}: host {host!r} resolved to no address")
-    if not policy.allow_private_addresses:
-        for address in addresses:
-            if not is_public_address(address):
-                raise ImageSourceNotAllowedError(
-                    f"{what}: host {host!r} resolves to the non-public address {address}; fetching from private, "
-                    "loopback or link-local addresses needs ImageInputPolicy(allow_private_addresses=True)"
-                )
-    path = urllib.parse.quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~")
-    if parts.query:
-        path += "?" + urllib.parse.quote(parts.query, safe="/%:@!$&'()*+,;=-._~?")
-    return _VettedTarget(url, scheme, host, port, path, tuple(addresses))
-
-
-def _same_address(a: str, b: str) -> bool:
-    try:
-        ip_a = ipaddress.ip_address(a.split("%", 1)[0])
-        ip_b = ipaddress.ip_address(b.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip_a, ipaddress.IPv6Address) and ip_a.ipv4_mapped is not None:
-        ip_a = ip_a.ipv4_mapped
-    if isinstance(ip_b, ipaddress.IPv6Address) and ip_b.ipv4_mapped is not None:
-        ip_b = ip_b.ipv4_mapped
-    return ip_a == ip_b
-
-
-_TLS_CONTEXT: ssl.SSLContext | None = None
-
-
-def _tls_context() -> ssl.SSLContext:
-    """One verifying client context (loading the CA store per request is slow)."""
-    global _TLS_CONTEXT
-    if _TLS_CONTEXT is None:
-        _TLS_CONTEXT = ssl.create_default_context()
-    return _TLS_CONTEXT
-
-
-def _open_connection(target: _VettedTarget, timeout_s: float, what: str) -> http.client.HTTPConnection:
-    """Connect to one of the vetted addresses (never re-resolving the name); TLS still verifies ``target.host``."""
-    last_error: OSError | None = None
-    for address in target.addresses:
-        if target.scheme == "https":
-            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                target.host, target.port, timeout=timeout_s, context=_tls_context()
-            )
-        else:
-            conn = http.client.HTTPConnection(target.host, target.port, timeout=timeout_s)
-
-        def pinned(_address: Any, timeout: Any = None, source: Any = None, _ip: str = address) -> socket.socket:
-            return socket.create_connection((_ip, target.port), timeout, source)
-
-        conn._create_connection = pinned  # type: ignore[attr-defined]
-        try:
-            conn.connect()
-        except (OSError, ssl.SSLError) as exc:
-            conn.close()
-            last_error = exc
-            if isinstance(exc, (TimeoutError, ssl.SSLCertVerificationError)):
-                break
-            continue
-        peer = conn.sock.getpeername()[0] if conn.sock is not None else ""
-        if not any(_same_address(peer, vetted) for vetted in target.addresses):
-            conn.close()
-            raise ImageSourceNotAllowedError(f"{what}: connected to unexpected address {peer} for {target.host!r}")
-        return conn
-    if isinstance(last_error, TimeoutError):
-        raise last_error
-    raise ImageError(f"{what}: cannot connect to {target.host}:{target.port}: {last_error}")
-
-
-class _Watchdog:
-    """Shuts the socket down at the deadline, so a server dribbling bytes cannot outlive the overall timeout."""
-
-    def __init__(self, conn: http.client.HTTPConnection, delay_s: float) -> None:
-        self.fired = False
-        self._conn = conn
-        self._timer = threading.Timer(max(delay_s, 0.0), self._fire)
-        self._timer.daemon = True
-        self._timer.start()
-
-    def _fire(self) -> None:
-        self.fired = True
-        sock = self._conn.sock
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def cancel(self) -> None:
-        self._timer.cancel()
-
-
-def _fetch_remote(url: str, policy: ImageInputPolicy, what: str) -> tuple[bytes, str | None]:
-    """GET ``url`` under the policy, following up to MAX_REDIRECTS re-vetted redirects: (body, Content-Type)."""
-    if not policy.allow_remote_images:
-        raise ImageSourceNotAllowedError(
-            f"{what}: remote image URLs are not allowed; enable them with ImageInputPolicy(allow_remote_images=True)"
-        )
-    deadline = time.monotonic() + policy.fetch_timeout_s
-    current = url
-    for _hop in range(MAX_REDIRECTS + 1):
-        target = _vet_url(current, policy, what, deadline)
-        try:
-            status, location, body, content_type = _http_get(target, policy, what, deadline)
-        except TimeoutError as exc:
-            raise ImageError(f"{what}: fetching {_short(current)} timed out after {policy.fetch_timeout_s}s") from exc
-        if status in _REDIRECT_STATUSES:
-            if not location:
-                raise ImageError(f"{what}: HTTP {status} redirect without a Location header from {_short(current)}")
-            current = urllib.parse.urljoin(current, location)
-            continue
-        return body, content_type
-    raise ImageError(f"{what}: too many redirects (more than {MAX_REDIRECTS}) fetching {_short(url)}")
-
-
-def _http_get(
-    target: _VettedTarget, policy: ImageInputPolicy, what: str, deadline: float
-) -> tuple[int, str | None, bytes, str | None]:
-    """One GET: (status, Location, body, Content-Type); only 200 and redirects return. TimeoutError past the deadline."""
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise TimeoutError
-    conn = _open_connection(target, remaining, what)
-    watchdog = _Watchdog(conn, deadline - time.monotonic())
-    try:
-        conn.request(
-            "GET",
-            target.request_path,
-            headers={
-                "User-Agent": _USER_AGENT,
-                "Accept": "image/*",
-                "Accept-Encoding": "identity",
-                "Connection": "close",
-            },
-        )
-        response = conn.getresponse()
-        if response.status in _REDIRECT_STATUSES:
-            return response.status, response.getheader("Location"), b"", None
-        if response.status != 200:
-            raise ImageError(f"{what}: HTTP {response.status} {response.reason} fetching {_short(target.url)}")
-        content_length = response.getheader("Content-Length")
-        if content_length is not None and content_length.strip().isdigit():
-            _check_bytes(int(content_length), policy.max_image_bytes, what)
-        chunks: list[bytes] = []
-        received = 0
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError
-            if conn.sock is not None:
-                conn.sock.settimeout(remaining)
-            chunk = response.read1(_READ_CHUNK)
-            if not chunk:
-                break
-            received += len(chunk)
-            _check_bytes(received, policy.max_image_bytes, what)
-            chunks.append(chunk)
-        if watchdog.fired:
-            raise TimeoutError
-        # Content-Type is advisory only (the decoder decides); it is kept for the error message.
-        return 200, None, b"".join(chunks), response.getheader("Content-Type")
-    except (TimeoutError, socket.timeout):
-        raise TimeoutError from None
-    except (http.client.HTTPException, OSError) as exc:
-        if watchdog.fired or time.monotonic() >= deadline:
-            raise TimeoutError from exc
-        raise ImageError(f"{what}: fetching {_short(target.url)} failed: {exc}") from exc
-    finally:
-        watchdog.cancel()
-        conn.close()
-
-
-def _short(url: str, limit: int = 200) -> str:
-    return url if len(url) <= limit else url[:limit] + "..."

@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 
-from .. import tools as tool_calls_lib
 from ..async_llm import AsyncLLM
+from ..chat.reply import ChoiceStream, chat_choice, usage_of
 from ..engine.engine_loop import new_request_id
 from ..errors import ImageError, PromptError, XGenMMError
 from ..outputs import RequestOutput
+from ..tool_calls import TOOL_CALL_OPEN
 from . import responses as R
 from .config import ServerConfig
 from .errors import OpenAIError, error_from_exception
@@ -30,17 +30,6 @@ logger = logging.getLogger("xgenmm.server")
 
 class ClientDisconnected(Exception):
     """The HTTP client went away before its response was ready."""
-
-
-@dataclass
-class _ChoiceState:
-    """Per-choice streaming state (text deltas may go through a tool-call parser)."""
-
-    index: int
-    parser: tool_calls_lib.ToolCallStreamParser | None
-    finished: bool = False
-    num_tool_calls: int = 0
-    completion_tokens: int = 0
 
 
 class ChatCompletionService:
@@ -61,11 +50,10 @@ class ChatCompletionService:
             raise OpenAIError(f"the request has {req.num_images} images; this server accepts at most {limit} per "
                               "request (xgenmm serve --max-images-per-request)", 400, param="messages",
                               code="too_many_images")
-        sampling, tools = self._tool_sampling(req, body)
         request_id = new_request_id("chatcmpl")
-        gen = self.llm.chat(req.messages, sampling, request_id=request_id, tools=tools, image_policy=self.image_policy,
-                            add_generation_prompt=req.add_generation_prompt,
-                            continue_final_message=req.continue_final_message)
+        chat = req.chat
+        kwargs = {**chat.chat_kwargs(), "image_policy": self.image_policy}
+        gen = self.llm.chat(chat.messages, chat.params, request_id=request_id, **kwargs)
         try:
             first = await self._next_or_disconnect(gen, is_disconnected)
         except StopAsyncIteration:  # pragma: no cover - the engine always emits a final output
@@ -77,8 +65,8 @@ class ChatCompletionService:
             await gen.aclose()
             raise self._request_error(exc) from exc
         if not req.stream:
-            return self._final_response(req, first, tools)
-        return self._stream(req, gen, first, tools)
+            return self._final_response(req, first)
+        return self._stream(req, gen, first)
 
     # ---- validation ----------------------------------------------------------------------------------------------
     def _check_model(self, req: ChatCompletionRequest) -> None:
@@ -86,26 +74,6 @@ class ChatCompletionService:
             raise OpenAIError(f"the model {req.model!r} does not exist on this server; it serves "
                               f"{self.config.model_name!r} (see /v1/models)", 400, param="model",
                               code="model_not_found")
-
-    def _tool_sampling(self, req: ChatCompletionRequest, body: dict):
-        """Tools for the prompt, and the grammar that keeps tool calls well-formed: a forced call ("required" or a
-        named function) always gets it; with "auto" a response_format, if any, decides the output instead."""
-        sampling = req.sampling
-        if not req.tools:
-            return sampling, None
-        try:
-            tools = tool_calls_lib.normalize_tools(req.tools)
-            mode, _ = tool_calls_lib.resolve_tool_choice(req.tool_choice, tools)
-            if mode == "none":
-                return sampling, None
-            if mode == "required" or sampling.structured_outputs is None:
-                grammar = tool_calls_lib.tool_call_structured_outputs(
-                    tools, req.tool_choice, parallel_tool_calls=bool(body.get("parallel_tool_calls", False)))
-                if grammar is not None:
-                    sampling = sampling.replace(structured_outputs=grammar)
-        except PromptError as exc:
-            raise OpenAIError(str(exc), 400, param="tools", code="invalid_tools") from None
-        return sampling, tools
 
     def _request_error(self, exc: BaseException) -> OpenAIError:
         param = "messages" if isinstance(exc, (ImageError, PromptError)) else None
@@ -134,39 +102,33 @@ class ChatCompletionService:
                 await gen.aclose()
 
     # ---- non-streaming -------------------------------------------------------------------------------------------
-    def _final_response(self, req: ChatCompletionRequest, out: RequestOutput, tools) -> dict:
+    def _final_response(self, req: ChatCompletionRequest, out: RequestOutput) -> dict:
         choices = []
-        completion_tokens = 0
         for o in out.outputs:
-            completion_tokens += len(o.token_ids)
-            content, calls, finish = o.text, None, o.finish_reason
-            if tools:
-                parsed = tool_calls_lib.parse_tool_calls(o.text, tools)
-                if parsed.tool_calls:
-                    calls = [c.to_openai() for c in parsed.tool_calls]
-                    content = parsed.content or None
-                    finish = "tool_calls"
+            reply = chat_choice(o, req.tools)
+            calls = [c.to_openai() for c in reply.tool_calls] or None
+            # OpenAI has no "invalid tool call": a reply whose calls are all unusable comes back as its text.
+            content = reply.content if calls or not reply.invalid_tool_calls else o.text
             logprobs = None
             if req.logprobs:
                 logprobs = {"content": R.logprobs_content(o.token_ids, o.logprobs, req.top_logprobs, self._pieces)}
             choice = {"index": o.index, "message": R.chat_message(content, calls), "logprobs": logprobs,
-                      "finish_reason": finish}
+                      "finish_reason": reply.finish_reason}
             if req.return_token_ids:
                 choice["token_ids"] = list(o.token_ids)
             choices.append(choice)
-        prompt_tokens = out.metrics.num_prompt_tokens if out.metrics else len(out.prompt_token_ids)
-        self.metrics.observe_finished(out.metrics, prompt_tokens, completion_tokens)
-        response = R.completion_response(R.new_completion_id(), R.now(), req.model, choices,
-                                         R.usage(prompt_tokens, completion_tokens, out.num_cached_tokens))
+        usage = usage_of(out)
+        self.metrics.observe_finished(out.metrics, usage.prompt_tokens, usage.completion_tokens)
+        response = R.completion_response(R.new_completion_id(), R.now(), req.model, choices, usage.to_openai())
         if req.return_token_ids:
             response["prompt_token_ids"] = list(out.prompt_token_ids)
         return response
 
     # ---- streaming -----------------------------------------------------------------------------------------------
-    async def _stream(self, req: ChatCompletionRequest, gen, first: RequestOutput, tools) -> AsyncIterator[str]:
+    async def _stream(self, req: ChatCompletionRequest, gen, first: RequestOutput) -> AsyncIterator[str]:
         completion_id, created = R.new_completion_id(), R.now()
         n = req.sampling.n
-        states = [_ChoiceState(i, tool_calls_lib.ToolCallStreamParser(tools) if tools else None) for i in range(n)]
+        streams = [ChoiceStream(req.tools) for _ in range(n)]
         include_usage = req.include_usage
 
         def make_chunk(choices: list[dict], prompt_token_ids: list[int] | None = None) -> str:
@@ -185,18 +147,16 @@ class ChatCompletionService:
             while out is not None:
                 last = out
                 for o in out.outputs:
-                    for choice in self._delta_choices(req, states[o.index], o):
+                    for choice in self._delta_choices(req, streams[o.index], o):
                         yield make_chunk([choice])
                 if out.finished:
                     break
                 # A client that goes away cancels this generator here (the ASGI server watches the connection).
                 out = await gen.__anext__()
-            completion_tokens = sum(s.completion_tokens for s in states)
-            prompt_tokens = last.metrics.num_prompt_tokens if last.metrics else len(last.prompt_token_ids)
+            usage = usage_of(last)
             if include_usage:
-                yield R.sse(R.chunk(completion_id, created, req.model, [],
-                                    R.usage(prompt_tokens, completion_tokens, last.num_cached_tokens), True))
-            self.metrics.observe_finished(last.metrics, prompt_tokens, completion_tokens)
+                yield R.sse(R.chunk(completion_id, created, req.model, [], usage.to_openai(), True))
+            self.metrics.observe_finished(last.metrics, usage.prompt_tokens, usage.completion_tokens)
             finished_ok = True
             yield R.SSE_DONE
         except (asyncio.CancelledError, ClientDisconnected, GeneratorExit):
@@ -211,49 +171,31 @@ class ChatCompletionService:
             if not finished_ok:
                 await gen.aclose()  # aborts the request if it is still running
 
-    def _delta_choices(self, req: ChatCompletionRequest, st: _ChoiceState, o) -> list[dict]:
-        """Stream chunks for one choice's delta (text, tool calls, finish)."""
-        if st.finished:
-            return []
-        st.completion_tokens += len(o.token_ids)
+    def _delta_choices(self, req: ChatCompletionRequest, stream: ChoiceStream, o) -> list[dict]:
+        """Stream chunks for one choice's delta: prose, tool calls, then the finish reason; logprobs and token ids
+        ride on the first chunk of the delta."""
         choices = []
-        logprobs = None
-        if req.logprobs and o.token_ids:
-            logprobs = R.logprobs_content(o.token_ids, o.logprobs, req.top_logprobs, self._pieces)
-        if st.parser is None:
-            if o.text or logprobs:
-                choices.append(R.chunk_choice(st.index, {"content": o.text}, None, logprobs))
-        else:
-            events = st.parser.feed(o.text) if o.text else []
-            if o.finish_reason is not None:
-                events += st.parser.finish()
-            choices += self._tool_event_choices(st, events)
-            if logprobs and not choices:  # keep logprobs flowing while text is held back by the parser
-                choices.append(R.chunk_choice(st.index, {}, None, logprobs))
-            elif logprobs:
-                choices[0]["logprobs"] = {"content": logprobs}
-        if o.finish_reason is not None:
-            st.finished = True
-            finish = "tool_calls" if st.num_tool_calls else o.finish_reason
-            choices.append(R.chunk_choice(st.index, {}, finish))
-        if req.return_token_ids and o.token_ids:
-            if not choices:
-                choices.append(R.chunk_choice(st.index, {}))
-            choices[0]["token_ids"] = list(o.token_ids)  # this delta's tokens, as vLLM streams them
-        return choices
-
-    @staticmethod
-    def _tool_event_choices(st: _ChoiceState, events) -> list[dict]:
-        choices = []
-        for ev in events:
+        finish = None
+        for ev in stream.feed(o):
             if ev.text:
-                choices.append(R.chunk_choice(st.index, {"content": ev.text}))
+                choices.append(R.chunk_choice(o.index, {"content": ev.text}))
             elif ev.tool_call is not None:
                 call = ev.tool_call.to_openai()
-                call["index"] = st.num_tool_calls
-                st.num_tool_calls += 1
-                choices.append(R.chunk_choice(st.index, {"tool_calls": [call]}))
-            elif ev.invalid is not None:  # not a usable call: hand its text back as content
-                text = f"{tool_calls_lib.TOOL_CALL_OPEN}{ev.invalid.arguments}"
-                choices.append(R.chunk_choice(st.index, {"content": text}))
+                call["index"] = ev.tool_call_index
+                choices.append(R.chunk_choice(o.index, {"tool_calls": [call]}))
+            elif ev.invalid_tool_call is not None:  # not a usable call: hand its text back as content
+                choices.append(R.chunk_choice(o.index, {"content": f"{TOOL_CALL_OPEN}{ev.invalid_tool_call.arguments}"}))
+            elif ev.finish_reason is not None:
+                finish = ev.finish_reason
+        extras: dict = {}
+        if req.logprobs and o.token_ids:
+            extras["logprobs"] = {"content": R.logprobs_content(o.token_ids, o.logprobs, req.top_logprobs, self._pieces)}
+        if req.return_token_ids and o.token_ids:
+            extras["token_ids"] = list(o.token_ids)  # this delta's tokens, as vLLM streams them
+        if extras:
+            if not choices:
+                choices.append(R.chunk_choice(o.index, {}))
+            choices[0].update(extras)
+        if finish is not None:
+            choices.append(R.chunk_choice(o.index, {}, finish))
         return choices

@@ -1,7 +1,8 @@
 """`/v1/chat/completions` request bodies -> a validated `ChatCompletionRequest` (OpenAI names, vLLM extras).
 
-Validation here names the offending field in the OpenAI error's `param`, so a client sees exactly what to fix. Value
-ranges are checked once more by `SamplingParams`, whose errors are mapped back to the OpenAI field names.
+Validation here names the offending field in the OpenAI error's `param`, so a client sees exactly what to fix. The
+request itself (tools, tool_choice, response_format, sampling) is built by the core's `build_chat_request`, as for
+every other front end; its errors are mapped back to the OpenAI field names.
 """
 
 from __future__ import annotations
@@ -11,24 +12,30 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import SamplingParamsError
-from ..sampling_params import MAX_LOGPROBS, RequestOutputKind, SamplingParams, StructuredOutputsParams
+from ..chat.request import (
+    OPENAI_SAMPLING_OPTIONS,
+    VLLM_SAMPLING_OPTIONS,
+    ChatRequest,
+    build_chat_request,
+    response_format_from_openai,
+)
+from ..errors import PromptError, SamplingParamsError
+from ..sampling_params import MAX_LOGPROBS, RequestOutputKind, SamplingParams
 from .errors import OpenAIError
 
-# Fields a client may send that change nothing here (OpenAI bookkeeping) or that we honour implicitly.
+# Fields a client may send that change nothing here (OpenAI bookkeeping).
 IGNORED_FIELDS = frozenset({
-    "user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key", "safety_identifier",
-    "verbosity", "function_call", "functions",
+    "user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "verbosity",
+    "function_call", "functions",
 })
 # vLLM-style sampling extras (sent with `extra_body` by the openai client).
-EXTRA_SAMPLING_FIELDS = ("top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
-                         "skip_special_tokens", "include_stop_str_in_output")
+EXTRA_SAMPLING_FIELDS = VLLM_SAMPLING_OPTIONS
 # vLLM-style chat extras: render options and token ids in the response.
 EXTRA_CHAT_FIELDS = ("add_generation_prompt", "continue_final_message", "return_token_ids")
 KNOWN_FIELDS = frozenset({
     "model", "messages", "stream", "stream_options", "temperature", "top_p", "n", "stop", "max_tokens",
     "max_completion_tokens", "seed", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs",
-    "tools", "tool_choice", "response_format", "logit_bias", "modalities",
+    "tools", "tool_choice", "parallel_tool_calls", "response_format", "logit_bias", "modalities",
     *EXTRA_SAMPLING_FIELDS, *EXTRA_CHAT_FIELDS,
 }) | IGNORED_FIELDS
 
@@ -39,24 +46,30 @@ _OPENAI_PARAM_NAMES = {"logprobs": "top_logprobs", "structured_outputs": "respon
 @dataclass
 class ChatCompletionRequest:
     model: str
-    messages: list[dict]
-    sampling: SamplingParams
+    chat: ChatRequest  # the core request: messages, params, tools, render options
     stream: bool = False
     include_usage: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None  # "none" | "auto" | "required" | {"type": "function", "function": {...}}
-    response_format: dict | None = None
     num_images: int = 0
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
     return_token_ids: bool = False  # vLLM's extension: `prompt_token_ids` in the response, `token_ids` per choice
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def sampling(self) -> SamplingParams:
+        return self.chat.params
+
+    @property
+    def tools(self) -> list[dict] | None:
+        return self.chat.tools
+
+    @property
+    def tool_choice(self) -> str:
+        return self.chat.tool_choice
+
+    @property
     def wants_tool_calls(self) -> bool:
-        return bool(self.tools) and self.tool_choice != "none"
+        return self.chat.tools is not None
 
 
 def _bad(message: str, param: str | None, code: str | None = None) -> OpenAIError:
@@ -144,28 +157,6 @@ def _check_tools(body: dict) -> tuple[list[dict] | None, str | dict | None]:
     return tools, choice
 
 
-def _structured_outputs(response_format: Any) -> StructuredOutputsParams | None:
-    if response_format is None:
-        return None
-    if not isinstance(response_format, dict):
-        raise _bad("'response_format' must be an object", "response_format")
-    kind = response_format.get("type")
-    if kind in (None, "text"):
-        return None
-    # Compact JSON: the model cannot wander into endless whitespace between tokens.
-    if kind == "json_object":
-        return StructuredOutputsParams(json_object=True, whitespace_flexible=False)
-    if kind == "json_schema":
-        spec = response_format.get("json_schema")
-        schema = spec.get("schema") if isinstance(spec, dict) else None
-        if not isinstance(schema, dict):
-            raise _bad("response_format json_schema needs 'json_schema': {'name': ..., 'schema': {...}}",
-                       "response_format.json_schema")
-        return StructuredOutputsParams(json=schema, whitespace_flexible=False)
-    raise _bad(f"response_format type {kind!r} is not supported; use 'text', 'json_object' or 'json_schema'",
-               "response_format.type")
-
-
 def _sampling_param_name(exc: SamplingParamsError) -> str | None:
     match = re.search(r"option ([a-z_.]+)=", str(exc)) or re.search(r"option\(s\): '([a-z_]+)'", str(exc))
     if match is None:
@@ -205,42 +196,33 @@ def parse_chat_request(body: dict, *, max_tokens_default: int | None = None) -> 
     continue_final_message = render.get("continue_final_message", False)
     if add_generation_prompt and continue_final_message:
         raise _bad("'continue_final_message' needs 'add_generation_prompt': false", "continue_final_message")
-    response_format = _expect(body, "response_format", (dict,), "an object")
-    structured = _structured_outputs(response_format)
-
-    max_tokens = body.get("max_completion_tokens")
-    max_param = "max_completion_tokens"
-    if max_tokens is None:
-        max_tokens, max_param = body.get("max_tokens"), "max_tokens"
-    if max_tokens is None:
-        max_tokens = max_tokens_default
-    options: dict[str, Any] = {
-        "n": body.get("n", 1) if body.get("n") is not None else 1,
-        "temperature": 1.0 if body.get("temperature") is None else body["temperature"],
-        "top_p": 1.0 if body.get("top_p") is None else body["top_p"],
-        "presence_penalty": body.get("presence_penalty") or 0.0,
-        "frequency_penalty": body.get("frequency_penalty") or 0.0,
-        "seed": body.get("seed"),
-        "stop": body.get("stop"),
-        "max_tokens": max_tokens,
-        "logprobs": (top_logprobs or 0) if logprobs else None,
-        "output_kind": RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
-        "structured_outputs": structured,
-    }
-    for name in EXTRA_SAMPLING_FIELDS:
-        if body.get(name) is not None:
-            options[name] = body[name]
+    parallel_tool_calls = _expect(body, "parallel_tool_calls", (bool,), "a boolean")
+    raw_format = _expect(body, "response_format", (dict,), "an object")
     try:
-        sampling = SamplingParams(**options)
+        response_format = response_format_from_openai(raw_format)
+    except PromptError as exc:
+        param = "response_format.json_schema" if (raw_format or {}).get("type") == "json_schema" else "response_format.type"
+        raise _bad(str(exc), param) from None
+
+    options = {name: body[name] for name in (*OPENAI_SAMPLING_OPTIONS, *EXTRA_SAMPLING_FIELDS) if body.get(name) is not None}
+    if options.get("max_tokens") is None and options.get("max_completion_tokens") is None:
+        options["max_tokens"] = max_tokens_default
+    max_param = "max_completion_tokens" if "max_completion_tokens" in options else "max_tokens"
+    try:
+        chat = build_chat_request(
+            messages, sampling=options, tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
+            response_format=response_format,
+            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+            add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message)
     except SamplingParamsError as exc:
         param = _sampling_param_name(exc)
         if param == "max_tokens":
             param = max_param
         raise OpenAIError(str(exc), 400, param=param, code="invalid_sampling_option") from None
+    except PromptError as exc:
+        raise OpenAIError(str(exc), 400, param="tools", code="invalid_tools") from None
     return ChatCompletionRequest(
-        model=model, messages=messages, sampling=sampling, stream=stream,
-        include_usage=bool(stream_options.get("include_usage")), logprobs=logprobs, top_logprobs=top_logprobs or 0,
-        tools=tools, tool_choice=tool_choice, response_format=response_format,
-        num_images=count_image_parts(messages), add_generation_prompt=add_generation_prompt,
-        continue_final_message=continue_final_message, return_token_ids=render.get("return_token_ids", False),
+        model=model, chat=chat, stream=stream, include_usage=bool(stream_options.get("include_usage")),
+        logprobs=logprobs, top_logprobs=top_logprobs or 0, num_images=count_image_parts(messages),
+        return_token_ids=render.get("return_token_ids", False),
     )

@@ -14,7 +14,7 @@ not rendered by this template (use the xgenmm server or the Python API for tools
 
 from __future__ import annotations
 
-from ..prompts import DEFAULT_SYSTEM_MESSAGE
+from ..chat.template import DEFAULT_SYSTEM_MESSAGE
 
 XGENMM_CHAT_TEMPLATE = (
     "{%- set ns = namespace(system=[]) -%}"

@@ -2,7 +2,7 @@
 
 The official `config.json` names a remote-code class (`modeling_xgenmm.XGenMMConfig`); vLLM must not run it. This
 class reads the same file: `text_config` becomes a `Phi3Config` (Phi-3 defaults fill what the file omits, as in
-`xgenmm.config`) that vLLM's in-tree Phi-3 is built from, with two deliberate changes:
+`xgenmm.model.config`) that vLLM's in-tree Phi-3 is built from, with two deliberate changes:
 
 * `vocab_size` is the model's effective vocabulary, 32015 (32012 base rows + 3 decoupled rows). The plugin folds the
   decoupled embedding / head into one [32015, H] matrix each, so vLLM samples over exactly the logits the reference
@@ -58,7 +58,7 @@ class XGenMMVllmConfig(PretrainedConfig):
         return self.text_config
 
     def to_xgenmm_dict(self) -> dict[str, Any]:
-        """The subset of the official config.json that `xgenmm.config.XGenMMConfig.from_dict` reads."""
+        """The subset of the official config.json that `xgenmm.model.config.XGenMMConfig.from_dict` reads."""
         t = self.text_config
         return {
             "model_type": MODEL_TYPE,

@@ -24,7 +24,7 @@ from vllm.model_executor.models.utils import init_vllm_registered_model, maybe_p
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
-from ..config import XGenMMConfig
+from ..model.config import XGenMMConfig
 from ..model.vision import VisionEncoder
 from ..special_tokens import IMAGE_TOKEN
 from .head_padding import pad_unsupported_attention_heads

@@ -31,7 +31,7 @@ from vllm.multimodal.processing import (
     PromptUpdate,
 )
 
-from ..image_processing import DEFAULT_TOKENS_PER_PATCH, ImageProcessor, ProcessedImage
+from ..multimodal.image_processing import DEFAULT_TOKENS_PER_PATCH, ImageProcessor, ProcessedImage
 from ..special_tokens import IMAGE_PLACEHOLDER_TOKEN, IMAGE_PLACEHOLDER_TOKEN_ID, IMAGE_TOKEN, IMAGE_TOKEN_ID
 from .hf_config import XGenMMVllmConfig
 

@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from tests.support import XGENMM_TINY
 from xgenmm.errors import ConfigError, ImageError, ImageTooLargeError
-from xgenmm.image_processing import (
+from xgenmm.multimodal.image_processing import (
     DEFAULT_ANYRES_GRIDS,
     ImageProcessor,
     ProcessedImage,
@@ -24,7 +25,7 @@ from xgenmm.image_processing import (
     to_rgb,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures" / "xgenmm-tiny"
+FIXTURES = XGENMM_TINY
 CHECKPOINT = FIXTURES / "checkpoint"
 
 

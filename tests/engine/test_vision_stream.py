@@ -11,7 +11,7 @@ from torch.profiler import ProfilerActivity, profile
 from xgenmm.checkpoint import load_model
 from xgenmm.engine.model_runner import ModelRunner
 from xgenmm.engine.vision_stream import PendingImageEmbeds, VisionStream
-from xgenmm.image_processing import ImageProcessor
+from xgenmm.multimodal.image_processing import ImageProcessor
 
 
 def _images(ckpt, n: int):

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from tests.support import XGENMM_TINY
 from xgenmm.errors import ImageError, ImageSourceNotAllowedError, PromptError
 from xgenmm.multimodal.image_sources import ImageInputPolicy, image_to_data_url
-from xgenmm.prompts import DEFAULT_SYSTEM_MESSAGE, ChatRenderer, RenderedPrompt
+from xgenmm.chat.template import DEFAULT_SYSTEM_MESSAGE, ChatRenderer, RenderedPrompt
 from xgenmm.testing import make_random_checkpoint
 from xgenmm.tokenizer import load_tokenizer
 
-CASES = Path(__file__).parent / "fixtures" / "xgenmm-tiny" / "cases.json"
+CASES = XGENMM_TINY / "cases.json"
 SYS = f"<|system|>\n{DEFAULT_SYSTEM_MESSAGE}<|end|>\n"
 
 

@@ -1,4 +1,4 @@
-"""xgenmm.tools (prompt format, parser, streaming parser, forcing grammar) and xgenmm.schema_budget."""
+"""xgenmm.tool_calls (prompt format, parser, streaming parser, forcing grammar) and xgenmm.structured.schema_budget."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 
 from xgenmm import StructuredOutputsParams
 from xgenmm.errors import PromptError
-from xgenmm.schema_budget import bound_json_schema
-from xgenmm.tools import (
+from xgenmm.structured.schema_budget import bound_json_schema
+from xgenmm.tool_calls import (
     HermesToolRenderer,
     ToolCallStreamParser,
     coerce_arguments,
@@ -95,7 +95,7 @@ def test_resolve_tool_choice_unknown_name():
 
 
 def test_tools_history_renders_in_the_documented_format(tok):
-    from xgenmm.prompts import ChatRenderer
+    from xgenmm.chat.template import ChatRenderer
 
     renderer = ChatRenderer(tok, system_message=None, tool_renderer=HermesToolRenderer())
     messages = [
@@ -119,7 +119,7 @@ def test_tools_history_renders_in_the_documented_format(tok):
 def test_tool_result_may_carry_images(tok):
     from PIL import Image
 
-    from xgenmm.prompts import ChatRenderer
+    from xgenmm.chat.template import ChatRenderer
 
     renderer = ChatRenderer(tok, tool_renderer=HermesToolRenderer())
     image = Image.new("RGB", (8, 8), "red")
@@ -135,7 +135,7 @@ def test_tool_result_may_carry_images(tok):
 
 def test_core_engine_renderer_has_the_tool_renderer(tiny_checkpoint):
     """LLM.chat(..., tools=...) works for every front end: the engine's renderer carries HermesToolRenderer."""
-    from xgenmm.prompts import ChatRenderer
+    from xgenmm.chat.template import ChatRenderer
     from xgenmm.tokenizer import load_tokenizer
 
     # Building a whole engine is slow; the engine property constructs exactly this renderer.

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from xgenmm.engine.block_manager import BlockManager
 from xgenmm.engine.scheduler import Scheduler, SchedulerOutput
-from xgenmm.engine.sequence import IMAGE_PLACEHOLDER_ID as P
+from xgenmm.special_tokens import IMAGE_TOKEN_ID as P  # image positions hold the <image> id
 from xgenmm.engine.sequence import ImageSpan, Sequence, SequenceStatus
 from xgenmm.errors import PromptTooLongError
 

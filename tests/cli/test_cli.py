@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import EXAMPLES as EXAMPLE_DIR
 from xgenmm import LLM, SamplingParams
 from xgenmm.cli import main
 from xgenmm.cli.chat import ChatSession, repl
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
+EXAMPLES = EXAMPLE_DIR / "images"
 ENGINE = ["--device", "cpu", "--dtype", "float32", "--kv-cache-memory", "64MiB"]
 
 

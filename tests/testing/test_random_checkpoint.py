@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from tests.support import XGENMM_TINY
 from xgenmm.errors import ConfigError
 from xgenmm.testing import (
     ANYRES_GRIDS,
@@ -20,7 +21,7 @@ from xgenmm.testing import (
 )
 from xgenmm.testing.__main__ import main as cli_main
 
-FIXTURE = Path(__file__).parent / "fixtures" / "xgenmm-tiny" / "checkpoint"
+FIXTURE = XGENMM_TINY / "checkpoint"
 
 
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -190,7 +191,7 @@ def test_full_preset_config_resolves_to_real_dims(tmp_path):
 
 
 def test_full_config_through_project_config_reader(tmp_path):
-    from xgenmm.config import XGenMMConfig
+    from xgenmm.model.config import XGenMMConfig
 
     for preset in ("full", "small", "tiny"):
         out = make_random_checkpoint(tmp_path / preset, preset=preset, config_only=True)

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from xgenmm.errors import ImageError, ImageSourceNotAllowedError, ImageTooLargeError
-from xgenmm.multimodal import image_sources
+from xgenmm.multimodal import image_sources, remote_fetch
 from xgenmm.multimodal.image_sources import (
     DEFAULT_MAX_IMAGE_BYTES,
     ImageInputPolicy,
@@ -170,7 +170,7 @@ REMOTE_LOOPBACK = ImageInputPolicy(allow_remote_images=True, allow_private_addre
 def loopback_is_public(monkeypatch: pytest.MonkeyPatch):
     """Pretend 127.0.0.1 (only) is a public address, to test what happens *after* a first, allowed hop."""
     real = image_sources.is_public_address
-    monkeypatch.setattr(image_sources, "is_public_address", lambda a: a == "127.0.0.1" or real(a))
+    monkeypatch.setattr(remote_fetch, "is_public_address", lambda a: a == "127.0.0.1" or real(a))
 
 
 # ---- in-memory sources -----------------------------------------------------------------------------------------
@@ -423,7 +423,7 @@ def test_connects_to_the_vetted_address_without_resolving_again(server: _Server,
         lookups.append(host)
         return ["127.0.0.1"] if host == "images.test" else []
 
-    monkeypatch.setattr(image_sources, "_resolve_host", fake_resolve)
+    monkeypatch.setattr(remote_fetch, "_resolve_host", fake_resolve)
     image = load_image(server.url("/img.png", host="images.test"), REMOTE_LOOPBACK)
     assert _same_pixels(image)
     assert lookups == ["images.test"]

@@ -2,22 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLES = REPO / "examples"
-
-
-def _run(script: str, *args: str) -> str:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run([sys.executable, str(EXAMPLES / script), *args], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
+from tests.support import EXAMPLES, check_rag_example_output
+from tests.support import run_example as _run
 
 
 def test_chain_example():
@@ -30,15 +18,7 @@ def test_chain_example():
 
 def test_multimodal_rag_example():
     out = _run("langchain_multimodal_rag.py", "--caption-tokens", "8", "--max-tokens", "8", "--top-k", "2")
-    images = sorted(p.name for p in (EXAMPLES / "images").iterdir())
-    captioned = re.findall(r"^caption (\S+) \((\d+)x(\d+), image/\w+\)", out, re.M)
-    assert sorted(name for name, _, _ in captioned) == images
-    retrieved = re.findall(r"^retrieved (\S+) score=", out, re.M)
-    assert len(retrieved) == 2 and set(retrieved) <= set(images)
-    usage = re.search(r"^usage: prompt=(\d+) completion=(\d+)", out, re.M)
-    assert usage and int(usage.group(2)) >= 1
-    assert int(usage.group(1)) > 2 * 128  # the two retrieved images are in the answer's prompt
-    assert re.search(r"^answer: \S", out, re.M)
+    check_rag_example_output(out, r"^caption (\S+) \((\d+)x(\d+), image/\w+\)")
 
 
 def test_agent_example():

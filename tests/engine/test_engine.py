@@ -4,18 +4,17 @@ invariance of greedy output, n samples sharing prompt blocks, stop handling, str
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from tests.support import XGENMM_TINY
 from xgenmm import LLM, RequestOutputKind, SamplingParams
 from xgenmm.engine.engine_loop import create_engine_loop
 from xgenmm.errors import ImageCountMismatchError, PromptError, PromptTooLongError, SamplingParamsError
 
-FIXTURES = Path(__file__).parent / "fixtures" / "xgenmm-tiny"
+FIXTURES = XGENMM_TINY
 GREEDY8 = SamplingParams(temperature=0.0, max_tokens=8, logprobs=3)
 
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from xgenmm.attention import AttentionMetadata, TorchReferenceBackend, allocate_kv_caches
 from xgenmm.checkpoint import load_model
-from xgenmm.image_processing import ImageProcessor
+from xgenmm.multimodal.image_processing import ImageProcessor
 from xgenmm.model.vision import rechunk_grid_features
 from xgenmm.model.xgenmm import fuse_embeddings
 from xgenmm.multimodal.fusion import fuse_prompt

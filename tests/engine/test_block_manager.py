@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from xgenmm.engine.block_manager import ROOT_HASH, BlockManager, block_extra_keys, hash_block
-from xgenmm.engine.sequence import IMAGE_PLACEHOLDER_ID as P
+from xgenmm.special_tokens import IMAGE_TOKEN_ID as P  # image positions hold the <image> id
 from xgenmm.engine.sequence import ImageSpan, Sequence
 from xgenmm.errors import ConfigError, PromptError
 

@@ -1,0 +1,170 @@
+"""Requests in, checked: prompt parsing, tokenization, image loading and tiling, fusion and the context budget.
+
+Everything that can fail on bad input fails here, in the caller's thread, for that request alone; the engine loop
+only ever sees prepared requests. The native engine and the vLLM backend share one `InputProcessor`: the same prompt
+forms (vLLM's `str` / `{"prompt" | "prompt_token_ids", "multi_modal_data"}`), the same tokenizer (upstream-exact
+ids, `xgenmm.tokenizer`), the same image policy and checks, the same `max_tokens` clamping. Where the backends differ
+(the native engine tiles and fuses images itself, vLLM only wants the decoded images) each calls the parts it needs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from ..errors import ImageCountMismatchError, PromptError, PromptTooLongError, SamplingParamsError
+from ..multimodal.fusion import FusedPrompt, fuse_prompt
+from ..multimodal.image_processing import ImageProcessor, ProcessedImage
+from ..multimodal.image_sources import ImageInputPolicy, load_image
+from ..sampling_params import SamplingParams
+from ..special_tokens import IMAGE_TOKEN_ID
+
+__all__ = ["InputProcessor", "ParsedPrompt", "PreparedRequest", "PROMPT_FIELDS"]
+
+PROMPT_FIELDS = frozenset({"prompt", "prompt_token_ids", "multi_modal_data"})
+
+
+@dataclass(frozen=True)
+class ParsedPrompt:
+    """A prompt as given: its text (None for token ids only), its token ids (one `<image>` per image) and the image
+    references in `<image>` order (not loaded yet)."""
+
+    text: str | None
+    token_ids: list[int]
+    images: list[Any]
+
+
+@dataclass
+class PreparedRequest:
+    """A native-engine request after tokenization and image processing, ready for the engine loop."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    images: list[ProcessedImage]
+    fused: FusedPrompt
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
+class InputProcessor:
+    """Turns caller prompts into checked requests (see the module docstring). Thread-safe."""
+
+    def __init__(self, tokenizer, image_processor: ImageProcessor, *, vocab_size: int, max_model_len: int,
+                 max_images_per_prompt: int, default_image_policy: ImageInputPolicy):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.is_base_model = not image_processor.anyres
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.max_images_per_prompt = max_images_per_prompt
+        self.default_image_policy = default_image_policy
+
+    # ---- the native engine's whole path ---------------------------------------------------------------------------
+    def process(self, prompt: Any, params: SamplingParams | None, request_id: str,
+                image_policy: ImageInputPolicy | None = None) -> PreparedRequest:
+        """Parse, tokenize, load and tile images, fuse, clamp `max_tokens` to the context."""
+        params = self.check_params(params)
+        parsed = self.parse(prompt)
+        images = [self._tile(image) for image in self.load_images(parsed.images, image_policy, request_id)]
+        fused = fuse_prompt(parsed.token_ids, images, base_model=self.is_base_model)
+        params = self.fit_to_context(params, len(fused.token_ids), request_id)
+        return PreparedRequest(request_id, parsed.text, parsed.token_ids, images, fused, params)
+
+    # ---- shared parts ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def check_params(params: SamplingParams | None) -> SamplingParams:
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise SamplingParamsError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        return params
+
+    def parse(self, prompt: Any) -> ParsedPrompt:
+        """vLLM's prompt forms -> text, ids and image references; a text prompt is tokenized here."""
+        if isinstance(prompt, str):
+            prompt = {"prompt": prompt}
+        if not isinstance(prompt, dict):
+            raise PromptError(f"a prompt must be a str or a dict with 'prompt' or 'prompt_token_ids', got {type(prompt).__name__}")
+        unknown = set(prompt) - PROMPT_FIELDS
+        if unknown:
+            raise PromptError(f"unknown prompt field(s) {sorted(unknown)}")
+        mm = prompt.get("multi_modal_data") or {}
+        if set(mm) - {"image"}:
+            raise PromptError(f"unsupported modality {sorted(set(mm) - {'image'})}: xGen-MM takes images only")
+        images = mm.get("image", [])
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if "prompt_token_ids" in prompt:
+            ids = [int(t) for t in prompt["prompt_token_ids"]]
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise PromptError(f"prompt_token_ids contains ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+            return ParsedPrompt(prompt.get("prompt"), ids, list(images))
+        if "prompt" not in prompt:
+            raise PromptError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        text = prompt["prompt"]
+        if not isinstance(text, str):
+            raise PromptError(f"'prompt' must be a string, got {type(text).__name__}")
+        return ParsedPrompt(text, list(self.tokenizer(text, add_special_tokens=False).input_ids), list(images))
+
+    def load_images(self, images: list[Any], image_policy: ImageInputPolicy | None, request_id: str,
+                    *, allow_processed: bool = True) -> list[Any]:
+        """Decode every image reference under the policy (PIL images out; `ProcessedImage`s pass through when
+        `allow_processed`), after the per-request image limit."""
+        if len(images) > self.max_images_per_prompt:
+            raise PromptError(f"request {request_id!r} has {len(images)} images; the limit is "
+                              f"{self.max_images_per_prompt} (engine option max_images_per_prompt)")
+        policy = image_policy or self.default_image_policy
+        out = []
+        for index, image in enumerate(images):
+            if isinstance(image, ProcessedImage):
+                if not allow_processed:
+                    raise PromptError(f"image {index}: this backend tiles images itself and needs the source image "
+                                      "(PIL, bytes, path, URL, ...), not an already processed ProcessedImage")
+                out.append(image)
+            else:
+                out.append(load_image(image, policy, what=f"image {index}"))
+        return out
+
+    def check_image_tags(self, token_ids: list[int], num_images: int, request_id: str) -> None:
+        num_tags = token_ids.count(IMAGE_TOKEN_ID)
+        if num_tags != num_images:
+            raise ImageCountMismatchError(f"request {request_id!r}: the prompt has {num_tags} <image> tag(s) but "
+                                          f"{num_images} image(s) were given; each <image> takes the next image")
+
+    def fused_length(self, token_ids: list[int], images: list[Image.Image]) -> int:
+        """How many positions the prompt takes once every `<image>` is replaced by its vision tokens."""
+        if self.is_base_model:  # the base prompt already holds 128 ids per image
+            return len(token_ids)
+        return len(token_ids) + sum(self.image_processor.expected_num_vision_tokens(self.oriented_size(image)) - 1
+                                    for image in images)
+
+    def fit_to_context(self, params: SamplingParams, prompt_length: int, request_id: str) -> SamplingParams:
+        """Refuse a prompt that fills the context; clamp `max_tokens` to what is left (None = all of it, as vLLM)."""
+        if prompt_length >= self.max_model_len:
+            raise PromptTooLongError(f"request {request_id!r}: the prompt is {prompt_length} tokens (with image "
+                                     f"tokens); the context is {self.max_model_len}")
+        room = self.max_model_len - prompt_length
+        if params.max_tokens is None or params.max_tokens > room:
+            params = params.replace(max_tokens=max(1, room))
+        return params
+
+    def oriented_size(self, image: Image.Image) -> tuple[int, int]:
+        """(W, H) as the image processor will see it (after the EXIF orientation it applies)."""
+        width, height = image.size
+        if not self.image_processor.apply_exif_orientation:
+            return width, height
+        try:
+            orientation = image.getexif().get(0x0112, 1)
+        except Exception:
+            return width, height
+        return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+    # ---- internals ------------------------------------------------------------------------------------------------
+    def _tile(self, image: Any) -> ProcessedImage:
+        if isinstance(image, ProcessedImage):
+            return image
+        return self.image_processor.process_base(image) if self.is_base_model else self.image_processor(image)
