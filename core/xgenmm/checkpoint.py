@@ -14,6 +14,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -65,21 +66,34 @@ def checkpoint_files(checkpoint_dir: Path) -> dict[str, Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{index} is not a valid safetensors index: {exc}") from exc
-        files = {}
-        for name, shard in weight_map.items():
-            shard_path = checkpoint_dir / shard
-            if not shard_path.is_file():
-                raise CheckpointError(f"missing shard {shard} (needed for {name}) in {checkpoint_dir}")
-            files[name] = shard_path
-        return files
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard files, got "
+                                  f"{type(weight_map).__name__}")
+        return {name: _shard_path(checkpoint_dir, index, name, shard) for name, shard in weight_map.items()}
     if single.is_file():
         from safetensors import safe_open
 
         with _open(single) as f:
             return {name: single for name in f.keys()}
     raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {checkpoint_dir}")
+
+
+def _shard_path(checkpoint_dir: Path, index: Path, name: Any, shard: Any) -> Path:
+    """The shard file of one index entry: a relative file name that resolves inside the checkpoint folder (an index
+    may not point at ../../elsewhere or /absolute/paths)."""
+    if not isinstance(name, str) or not isinstance(shard, str) or not shard or "\x00" in shard:
+        raise CheckpointError(f"{index}: invalid weight_map entry {name!r}: {shard!r}")
+    # Checked on the name, not on where a symlink leads: the Hugging Face cache links every shard to a blob outside
+    # the snapshot folder, and that is fine; an index naming ../../elsewhere or /absolute/paths is not.
+    relative = os.path.normpath(shard)
+    if os.path.isabs(shard) or relative == ".." or relative.startswith(".." + os.sep) or os.path.isabs(relative):
+        raise CheckpointError(f"{index}: the shard {shard!r} of {name} is outside the checkpoint folder")
+    shard_path = checkpoint_dir / relative
+    if not shard_path.is_file():
+        raise CheckpointError(f"missing shard {shard} (needed for {name}) in {checkpoint_dir}")
+    return shard_path
 
 
 def _open(path: Path):

@@ -12,6 +12,7 @@ import dataclasses
 import enum
 import inspect
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -23,6 +24,8 @@ __all__ = ["RequestOutputKind", "SamplingParams", "StructuredOutputsParams", "SA
 SAMPLING_EPS = 1e-5
 # Largest `logprobs` a request may ask for (top-N alternatives per generated token).
 MAX_LOGPROBS = 20
+MAX_N = 128  # samples per request (OpenAI's limit); a server may set a lower one
+MAX_TOKENS_LIMIT = 2**31 - 1  # a sanity bound: the engine clamps max_tokens to the context anyway
 
 
 class RequestOutputKind(enum.Enum):
@@ -171,6 +174,8 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         self._check_int("n", minimum=1)
+        if self.n > MAX_N:
+            raise _fail("n", self.n, f"must be <= {MAX_N}")
         self._check_float("temperature", lambda v: v >= 0.0, "must be >= 0")
         self._check_float("top_p", lambda v: 0.0 < v <= 1.0, "must be in (0, 1]")
         self._check_int("top_k", minimum=-1, requirement="must be an int >= -1 (0 or -1 disable top-k)")
@@ -187,6 +192,8 @@ class SamplingParams:
                 raise _fail(name, getattr(self, name), "must be a bool")
         if self.max_tokens is not None:
             self._check_int("max_tokens", minimum=1, requirement="must be None or an int >= 1")
+            if self.max_tokens > MAX_TOKENS_LIMIT:
+                raise _fail("max_tokens", self.max_tokens, f"must be <= {MAX_TOKENS_LIMIT}")
         self._check_int("min_tokens", minimum=0)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise _fail("min_tokens", self.min_tokens, f"must be <= max_tokens ({self.max_tokens})")
@@ -207,8 +214,8 @@ class SamplingParams:
 
     def _check_float(self, name: str, ok, requirement: str) -> None:
         value = getattr(self, name)
-        if not _is_number(value) or value != value or not ok(float(value)):  # value != value: NaN
-            raise _fail(name, value, requirement)
+        if not _is_number(value) or not math.isfinite(value) or not ok(float(value)):  # NaN and infinities fail
+            raise _fail(name, value, requirement + " (a finite number)")
         setattr(self, name, float(value))
 
     def _normalise_stop(self) -> None:

@@ -77,6 +77,7 @@ class VllmEngineConfig:
     image_policy: ImageInputPolicy = field(default_factory=ImageInputPolicy)
     max_images_per_prompt: int = 32
     structured_outputs_backend: str = "guidance"
+    chat_content_tokens: str = "text"  # as the native engine's option
     engine_args: dict[str, Any] = field(default_factory=dict)
 
 
@@ -171,6 +172,7 @@ class VllmEngineCore:
             image_policy=options.pop("image_policy", None) or ImageInputPolicy(),
             max_images_per_prompt=int(options.pop("max_images_per_prompt", 32)),
             structured_outputs_backend=str(options.pop("structured_outputs_backend", "guidance")),
+            chat_content_tokens=str(options.pop("chat_content_tokens", "text")),
         )
         self.config.engine_args = build_engine_args(str(self.model_dir), device, dtype, options,
                                                     self.config.structured_outputs_backend,
@@ -192,7 +194,8 @@ class VllmEngineCore:
             from ..chat.template import ChatRenderer
             from ..tool_calls import HermesToolRenderer
 
-            self._chat_renderer = ChatRenderer(self.tokenizer, tool_renderer=HermesToolRenderer())
+            self._chat_renderer = ChatRenderer(self.tokenizer, tool_renderer=HermesToolRenderer(),
+                                               content_tokens=self.config.chat_content_tokens)
         return self._chat_renderer
 
     def prepare(self, prompt: Any, params: SamplingParams | None, request_id: str,
@@ -201,10 +204,11 @@ class VllmEngineCore:
         inputs = self.input_processor
         params = inputs.check_params(params)
         parsed = inputs.parse(prompt)
-        images = inputs.load_images(parsed.images, image_policy, request_id, allow_processed=False)
+        images = inputs.load_images(parsed.images, image_policy, request_id, allow_processed=False)  # headers only
         inputs.check_image_tags(parsed.token_ids, len(images), request_id)
         fused_length = inputs.fused_length(parsed.token_ids, images)
-        params = inputs.fit_to_context(params, fused_length, request_id)
+        params = inputs.fit_to_context(params, fused_length, request_id)  # budgets before any pixel is decoded
+        inputs.decode_images(images, request_id, tile=False)
         vllm_params = to_vllm_sampling_params(params, self.config.structured_outputs_backend)
         if vllm_params.structured_outputs is not None and self.config.structured_outputs_backend == "guidance":
             self._validate_grammar(vllm_params, params)

@@ -21,8 +21,13 @@ Rules, each chosen to match the official format or the HF chat template:
   `[image, text q]` -> `<image>\\nq` (the SFT format), `[image, image, text q]` -> `<image>\\n<image>\\nq`,
   `[text "Look at this ", image, text " and this."]` -> `Look at this <image> and this.`; `part_separator=""`
   concatenates parts verbatim.
-* Text may not contain the VLM tokens `<image>`, `<image placeholder>`, `<|endofchunk|>` (an `<image>` without its
-  image would misalign every later image); images go in image parts.
+* Content is text: control tokens written inside message content, tool-call arguments or tool descriptions
+  (`<|system|>`, `<|end|>`, `<image>`, ...) are tokenized as the plain text they are, so no user can forge a turn or
+  an image slot; only the tags the template writes itself are control tokens (`RenderedPrompt.tag_spans`). Prompts
+  whose content holds no such strings get exactly upstream's ids. This departs from upstream on purpose (upstream
+  tokenizes the whole string, control tokens in content included); `content_tokens="special"` restores that, and
+  then refuses the VLM tokens in text (an `<image>` without its image would misalign every later image). Images go
+  in image parts.
 
 The special tokens `<|system|>`, `<|user|>`, `<|end|>`, `<|assistant|>` are rstrip in the Phi-3 tokenizer, so the
 "\\n" after each of them does not become a token; the one after `<image>` does (id 13).
@@ -30,6 +35,7 @@ The special tokens `<|system|>`, `<|user|>`, `<|end|>`, `<|assistant|>` are rstr
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -86,11 +92,57 @@ class ToolRenderer(Protocol):
 
 @dataclass(frozen=True)
 class RenderedPrompt:
-    """The prompt as text, as token ids (no BOS) and the images its `<image>` tokens take, in order."""
+    """The prompt as text, as token ids (no BOS) and the images its `<image>` tokens take, in order.
+
+    `tag_spans`: where the template itself wrote control tokens (role tags, `<|end|>`, `<image>`); the same strings
+    anywhere else (inside message content, tool arguments, tool descriptions) were tokenized as plain text. None when
+    every occurrence was parsed as a control token (`content_tokens="special"`)."""
 
     text: str
     prompt_token_ids: list[int]
     images: list[Image.Image] = field(default_factory=list)
+    tag_spans: tuple[tuple[int, int], ...] | None = None
+
+
+class _Out:
+    """The prompt being rendered: text, plus the spans of the control tokens the template wrote itself."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.size = 0
+        self.tag_spans: list[tuple[int, int]] = []
+
+    def tag(self, token: str) -> "_Out":
+        self.tag_spans.append((self.size, self.size + len(token)))
+        return self.text(token)
+
+    def text(self, text: str) -> "_Out":
+        self.parts.append(text)
+        self.size += len(text)
+        return self
+
+    def template(self, text: str) -> "_Out":
+        """Text from our own renderers (tool envelopes): every control token in it is the template's."""
+        for start, end in _tag_spans(text):
+            self.tag_spans.append((self.size + start, self.size + end))
+        return self.text(text)
+
+    def extend(self, other: "_Out") -> "_Out":
+        self.tag_spans.extend((self.size + a, self.size + b) for a, b in other.tag_spans)
+        self.parts.extend(other.parts)
+        self.size += other.size
+        return self
+
+    def value(self) -> str:
+        return "".join(self.parts)
+
+
+def _tag_spans(text: str) -> list[tuple[int, int]]:
+    return [(m.start(), m.end()) for m in _CONTROL_TOKEN_RE.finditer(text)]
+
+
+_CONTROL_TOKEN_RE = re.compile("|".join(re.escape(t) for t in sorted(
+    (ASSISTANT_TOKEN, END_TOKEN, ENDOFTEXT_TOKEN, SYSTEM_TOKEN, USER_TOKEN, *VLM_SPECIAL_TOKENS), key=len, reverse=True)))
 
 
 @dataclass
@@ -102,7 +154,13 @@ class _Piece:
 
 
 class ChatRenderer:
-    """Renders chat messages in the official xGen-MM prompt format and tokenizes them (see the module docstring)."""
+    """Renders chat messages in the official xGen-MM prompt format and tokenizes them (see the module docstring).
+
+    `content_tokens="text"` (the default) tokenizes control-token strings inside message content, tool arguments and
+    tool descriptions as plain text: a user cannot forge a `<|system|>` turn. Prompts whose content has no such
+    strings get exactly upstream's ids either way. `"special"` parses them as control tokens, as upstream's
+    tokenization of the whole string does (and then refuses the VLM tokens in text, which would misalign images).
+    """
 
     def __init__(
         self,
@@ -111,35 +169,32 @@ class ChatRenderer:
         *,
         tool_renderer: ToolRenderer | None = None,
         part_separator: str = "\n",
+        content_tokens: str = "text",
     ) -> None:
+        if content_tokens not in ("text", "special"):
+            raise ValueError(f"content_tokens must be 'text' or 'special', got {content_tokens!r}")
         self.tokenizer = tokenizer
         self.system_message = system_message
         self.tool_renderer = tool_renderer
         self.part_separator = part_separator
+        self.content_tokens = content_tokens
 
     # ---- public --------------------------------------------------------------------------------------------------
-    def render(
-        self,
-        messages: Sequence[Mapping[str, Any]],
-        add_generation_prompt: bool = True,
-        image_policy: ImageInputPolicy | None = None,
-        *,
-        tools: Sequence[Mapping[str, Any]] | None = None,
-        tool_renderer: ToolRenderer | None = None,
-        continue_final_message: bool = False,
-    ) -> RenderedPrompt:
-        """Render `messages`; raises `PromptError` (bad message / part, naming its index) or an `ImageError`
-        subclass from `load_image` (e.g. `ImageSourceNotAllowedError` for a URL the policy refuses)."""
-        text, images = self.render_text(
-            messages,
-            add_generation_prompt=add_generation_prompt,
-            image_policy=image_policy,
-            tools=tools,
-            tool_renderer=tool_renderer,
-            continue_final_message=continue_final_message,
-        )
-        ids = list(self.tokenizer(text, add_special_tokens=False).input_ids)
-        return RenderedPrompt(text=text, prompt_token_ids=ids, images=images)
+    def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+               image_policy: ImageInputPolicy | None = None, **options: Any) -> RenderedPrompt:
+        """Render and tokenize `messages` (options as `render_text`); raises `PromptError` (bad message / part, naming
+        its index) or an `ImageError` subclass from `load_image` (e.g. `ImageSourceNotAllowedError`)."""
+        out, images = self._render(messages, add_generation_prompt, image_policy, **options)
+        text = out.value()
+        if self.content_tokens == "special":
+            ids = list(self.tokenizer(text, add_special_tokens=False).input_ids)
+            return RenderedPrompt(text=text, prompt_token_ids=ids, images=images)
+        spans = tuple(out.tag_spans)
+        encoder = getattr(self.tokenizer, "prompt_encoder", None)
+        if encoder is None:
+            raise PromptError("content_tokens='text' needs the engine's XGenMMTokenizer (xgenmm.tokenizer)")
+        ids = list(encoder.encode(text, tag_spans=spans).ids)
+        return RenderedPrompt(text=text, prompt_token_ids=ids, images=images, tag_spans=spans)
 
     def render_text(
         self,
@@ -151,7 +206,21 @@ class ChatRenderer:
         tool_renderer: ToolRenderer | None = None,
         continue_final_message: bool = False,
     ) -> tuple[str, list[Image.Image]]:
-        """Like `render` without tokenizing: (prompt text, images in `<image>` order)."""
+        """Like `render` without tokenizing: (prompt text, images in `<image>` order; opened, not yet decoded)."""
+        out, images = self._render(messages, add_generation_prompt, image_policy, tools=tools,
+                                   tool_renderer=tool_renderer, continue_final_message=continue_final_message)
+        return out.value(), images
+
+    def _render(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        image_policy: ImageInputPolicy | None = None,
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_renderer: ToolRenderer | None = None,
+        continue_final_message: bool = False,
+    ) -> tuple[_Out, list[Image.Image]]:
         policy = image_policy if image_policy is not None else ImageInputPolicy()
         renderer = tool_renderer if tool_renderer is not None else self.tool_renderer
         if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
@@ -167,7 +236,7 @@ class ChatRenderer:
             raise PromptError("tools were given but this renderer has no tool_renderer (see xgenmm.tool_calls)")
 
         images: list[Image.Image] = []
-        turns: list[str] = []
+        turns: list[_Out] = []
         system_texts: list[str] = []
         has_system = False
         last_index = len(messages) - 1
@@ -177,7 +246,8 @@ class ChatRenderer:
                 has_system = True
                 system_texts.append(self._system_text(message, i))
             elif role == "user":
-                turns.append(f"{USER_TOKEN}\n{self._content(message, i, policy, images)}{END_TOKEN}\n")
+                turn = _Out().tag(USER_TOKEN).text("\n").extend(self._content(message, i, policy, images))
+                turns.append(turn.tag(END_TOKEN).text("\n"))
             elif role == "assistant":
                 open_turn = continue_final_message and i == last_index
                 turns.append(self._assistant_turn(message, i, policy, images, renderer, open_turn))
@@ -192,22 +262,20 @@ class ChatRenderer:
         if continue_final_message and (not messages or messages[-1]["role"] != "assistant"):
             raise PromptError("continue_final_message needs the last message to be an assistant message")
 
-        if has_system:
-            system = "\n".join(system_texts)
-        else:
-            system = self.system_message
+        system = "\n".join(system_texts) if has_system else self.system_message
         if tools:
             suffix = self._checked_text(renderer.render_system_suffix(list(tools)), "tools system suffix")
-            system = (system or "") + suffix
-        parts: list[str] = []
+            system = (system or "") + suffix  # tool names and descriptions come from the client: text
+        out = _Out()
         if system is not None:
-            parts.append(f"{SYSTEM_TOKEN}\n{system}{END_TOKEN}\n")
-        parts.extend(turns)
+            out.tag(SYSTEM_TOKEN).text("\n").text(system).tag(END_TOKEN).text("\n")
+        for turn in turns:
+            out.extend(turn)
         if add_generation_prompt:
-            parts.append(f"{ASSISTANT_TOKEN}\n")
+            out.tag(ASSISTANT_TOKEN).text("\n")
         elif not continue_final_message:
-            parts.append(ENDOFTEXT_TOKEN)
-        return "".join(parts), images
+            out.tag(ENDOFTEXT_TOKEN)
+        return out, images
 
     # ---- turns ---------------------------------------------------------------------------------------------------
     def _system_text(self, message: Mapping[str, Any], index: int) -> str:
@@ -222,7 +290,7 @@ class ChatRenderer:
                 if kind != "text":
                     raise PromptError(f"{where}: a system message can only hold text parts, got {kind!r}")
                 texts.append(self._part_text(part, where))
-            return self._join([_Piece(t, False) for t in texts])
+            return self._join([_Piece(t, False) for t in texts]).value()
         raise PromptError(f"message {index}: system content must be a string or a list of text parts")
 
     def _assistant_turn(
@@ -233,22 +301,23 @@ class ChatRenderer:
         images: list[Image.Image],
         renderer: ToolRenderer | None,
         open_turn: bool,
-    ) -> str:
+    ) -> _Out:
         content = message.get("content")
-        body = "" if content is None else self._content(message, index, policy, images)
+        body = _Out() if content is None else self._content(message, index, policy, images)
         tool_calls = message.get("tool_calls")
         if tool_calls:
             if renderer is None:
                 raise PromptError(f"message {index}: assistant tool_calls need a tool_renderer (see xgenmm.tool_calls)")
             calls = self._checked_text(renderer.render_assistant_tool_calls(list(tool_calls)), f"message {index} (tool calls)")
             # Text before the calls gets a line break unless it ends with one; calls alone start the turn.
-            sep = "\n" if body and not body[-1].isspace() and calls and not calls[0].isspace() else ""
-            body += sep + calls
+            text = body.value()
+            if text and not text[-1].isspace() and calls and not calls[0].isspace():
+                body.text("\n")
+            body.text(calls)  # the calls' names and arguments come from the client: text
         elif content is None:
             raise PromptError(f"message {index}: assistant message has neither content nor tool_calls")
-        if open_turn:
-            return f"{ASSISTANT_TOKEN}\n{body}"
-        return f"{ASSISTANT_TOKEN}\n{body}{END_TOKEN}\n"
+        turn = _Out().tag(ASSISTANT_TOKEN).text("\n").extend(body)
+        return turn if open_turn else turn.tag(END_TOKEN).text("\n")
 
     def _tool_turn(
         self,
@@ -257,25 +326,25 @@ class ChatRenderer:
         policy: ImageInputPolicy,
         images: list[Image.Image],
         renderer: ToolRenderer,
-    ) -> str:
+    ) -> _Out:
         envelope = getattr(renderer, "tool_result_envelope", None)
-        if envelope is None:
-            return self._checked_text(renderer.render_tool_result(message), f"message {index} (tool result)")
-        # The renderer wraps, we render the content: tool results may hold images (e.g. a screenshot tool).
-        head, tail = envelope(message)
         where = f"message {index} (tool result)"
-        body = "" if message.get("content") is None else self._content(message, index, policy, images)
-        return self._checked_text(head, where) + body + self._checked_text(tail, where)
+        if envelope is None:  # a renderer that writes the whole turn: its tags are the template's
+            return _Out().template(self._checked_text(renderer.render_tool_result(message), where))
+        # The renderer wraps (its role tags are the template's), we render the content: tool results may hold images.
+        head, tail = envelope(message)
+        body = _Out() if message.get("content") is None else self._content(message, index, policy, images)
+        return _Out().template(self._checked_text(head, where)).extend(body).template(self._checked_text(tail, where))
 
     # ---- content -------------------------------------------------------------------------------------------------
     def _content(
         self, message: Mapping[str, Any], index: int, policy: ImageInputPolicy, images: list[Image.Image]
-    ) -> str:
+    ) -> _Out:
         if "content" not in message or message["content"] is None:
             raise PromptError(f"message {index}: has no 'content'")
         content = message["content"]
         if isinstance(content, str):
-            return self._checked_text(content, f"message {index}")
+            return _Out().text(self._checked_text(content, f"message {index}"))
         if not isinstance(content, Sequence) or isinstance(content, (bytes, bytearray)):
             raise PromptError(
                 f"message {index}: content must be a string or a list of parts, got {type(content).__name__}"
@@ -289,7 +358,7 @@ class ChatRenderer:
             elif kind in IMAGE_PART_TYPES:
                 if kind not in part or part[kind] is None:
                     raise PromptError(f"{where}: {kind!r} part has no {kind!r} field")
-                images.append(load_image(part[kind], policy, what=where))
+                images.append(load_image(part[kind], policy, what=where, decode=False))  # decoded after the budgets
                 pieces.append(_Piece(IMAGE_TOKEN, True))
             else:
                 raise PromptError(
@@ -297,8 +366,8 @@ class ChatRenderer:
                 )
         return self._join(pieces)
 
-    def _join(self, pieces: list[_Piece]) -> str:
-        out: list[str] = []
+    def _join(self, pieces: list[_Piece]) -> _Out:
+        out = _Out()
         sep = self.part_separator
         for k, piece in enumerate(pieces):
             if k > 0 and sep:
@@ -306,9 +375,12 @@ class ChatRenderer:
                 prev_ws = not prev.is_image and (prev.text == "" or prev.text[-1].isspace())
                 next_ws = not piece.is_image and (piece.text == "" or piece.text[0].isspace())
                 if not (prev_ws or next_ws):
-                    out.append(sep)
-            out.append(piece.text)
-        return "".join(out)
+                    out.text(sep)
+            if piece.is_image:
+                out.tag(piece.text)
+            else:
+                out.text(piece.text)
+        return out
 
     @staticmethod
     def _part_type(part: Any, where: str) -> str:
@@ -324,13 +396,13 @@ class ChatRenderer:
             raise PromptError(f"{where}: 'text' part needs a string 'text' field")
         return self._checked_text(text, where)
 
-    @staticmethod
-    def _checked_text(text: Any, where: str) -> str:
+    def _checked_text(self, text: Any, where: str) -> str:
         if not isinstance(text, str):
             raise PromptError(f"{where}: expected text, got {type(text).__name__}")
-        for token in VLM_SPECIAL_TOKENS:
-            if token in text:
-                raise PromptError(
-                    f"{where}: text contains the reserved token {token!r}; pass images as image parts instead"
-                )
+        if self.content_tokens == "special":  # parsed as control tokens: a stray <image> would misalign images
+            for token in VLM_SPECIAL_TOKENS:
+                if token in text:
+                    raise PromptError(
+                        f"{where}: text contains the reserved token {token!r}; pass images as image parts instead"
+                    )
         return text

@@ -60,6 +60,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--attention-backend", choices=("torch", "flex", "triton"), default=None,
                        help="default: the fastest available")
     group.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    group.add_argument("--allow-control-tokens-in-content", action="store_true",
+                       help="parse role / control tokens written inside chat message content as control tokens, as "
+                            "upstream's tokenization does (default: they are plain text, so no one can forge a turn)")
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -73,6 +76,8 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         options["kv_cache_memory_bytes"] = args.kv_cache_memory
     if getattr(args, "no_prefix_caching", False):
         options["enable_prefix_caching"] = False
+    if getattr(args, "allow_control_tokens_in_content", False):
+        options["chat_content_tokens"] = "special"
     return options
 
 

@@ -1,13 +1,16 @@
 """`xgenmm serve`: the OpenAI-compatible HTTP server (`/v1/chat/completions`, `/v1/models`, `/health`, `/metrics`).
 
-Binds to 127.0.0.1 unless --host says otherwise. Set an API key with --api-key or $XGENMM_API_KEY (clients send
-`Authorization: Bearer <key>`). Image URLs in requests must be data: URLs unless --allow-remote-images.
+Binds to 127.0.0.1 unless --host says otherwise; another address needs an API key (or --insecure-no-api-key). Set
+the key with --api-key or $XGENMM_API_KEY (clients send `Authorization: Bearer <key>`). A loopback server answers only
+its own Host names, and no web page can call it unless --allowed-origins lists its origin. Image URLs in requests
+must be data: URLs unless --allow-remote-images. Budgets (images, pixels, n, max_tokens) are checked before work.
 """
 
 from __future__ import annotations
 
 import argparse
 
+from ..errors import ConfigError
 from .common import CLIError, add_engine_args, add_model_args, engine_options, eprint, parse_size, resolve_model
 
 
@@ -27,11 +30,30 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="largest single image, decoded from base64 or fetched (default 20MiB)")
     p.add_argument("--max-tokens-default", type=int, default=None,
                    help="max_tokens when a request sets none (default: until the context is full)")
+    p.add_argument("--max-tokens-ceiling", type=int, default=131_072,
+                   help="refuse requests asking for more max_tokens; up to it, max_tokens is capped to the context")
+    p.add_argument("--max-n", type=int, default=16, help="most choices per request (default 16)")
+    p.add_argument("--max-image-pixels", type=int, default=36_000_000,
+                   help="largest image in pixels, read from its header before decoding (default 36M)")
+    p.add_argument("--max-request-image-pixels", type=int, default=72_000_000,
+                   help="all images of one request together, in pixels (default 72M)")
+    p.add_argument("--allowed-hosts", default="", metavar="NAMES",
+                   help="comma-separated Host names to answer besides loopback and --host ('*': any)")
+    p.add_argument("--allowed-origins", default="", metavar="ORIGINS",
+                   help="comma-separated web origins allowed to call the API from a browser (CORS; '*': any)")
+    p.add_argument("--metrics-without-api-key", action="store_true",
+                   help="serve /metrics without the API key even when one is set")
+    p.add_argument("--insecure-no-api-key", action="store_true",
+                   help="allow a non-loopback --host without an API key (anyone who can reach it can use it)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     add_model_args(p)
     add_engine_args(p)
     p.set_defaults(run=run)
     return p
+
+
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,9 +68,16 @@ def run(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, api_key=args.api_key, allow_remote_images=args.allow_remote_images,
         max_request_bytes=args.max_request_bytes, max_images_per_request=args.max_images_per_request,
         max_image_bytes=args.max_image_bytes, max_tokens_default=args.max_tokens_default,
-        engine_options=engine_options(args), log_level=args.log_level)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not config.resolved_api_key():
-        eprint(f"warning: serving on {args.host} without an API key; anyone who can reach it can use it")
+        max_tokens_ceiling=args.max_tokens_ceiling, max_n=args.max_n, max_image_pixels=args.max_image_pixels,
+        max_request_image_pixels=args.max_request_image_pixels, allowed_hosts=_names(args.allowed_hosts),
+        allowed_origins=_names(args.allowed_origins), metrics_require_api_key=not args.metrics_without_api_key,
+        insecure_no_api_key=args.insecure_no_api_key, engine_options=engine_options(args), log_level=args.log_level)
+    try:
+        config.validate()
+    except ConfigError as exc:
+        raise CLIError(str(exc)) from None
+    if not config.is_loopback and not config.resolved_api_key():
+        eprint(f"warning: serving on {args.host} without an API key (--insecure-no-api-key)")
     eprint(f"loading {args.model} ...")
     run_server(config)
     return 0

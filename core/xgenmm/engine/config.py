@@ -32,6 +32,10 @@ class EngineConfig:
     image_policy: ImageInputPolicy = field(default_factory=ImageInputPolicy)
     seed: int = 0  # process generator for unseeded sampling
     max_images_per_prompt: int = 32
+    max_concurrent_image_decodes: int = 2  # image pixels decoded at once per engine (bounds decode memory)
+    # Control tokens inside chat message content: "text" (plain text, nobody can forge a turn) or "special" (parsed,
+    # as upstream's tokenization of the whole string does). See xgenmm.chat.template.
+    chat_content_tokens: str = "text"
     linear_kernel: str = "auto"  # "auto": oneDNN linears for float32 on CPU (model/cpu_linear.py); "torch": ATen
     enforce_eager: bool = False  # CUDA: never capture / replay decode CUDA graphs (debugging, profiling)
     prefetch_images: bool | None = None  # encode waiting requests' images ahead on a side stream (None: on CUDA)

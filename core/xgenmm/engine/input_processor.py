@@ -1,7 +1,10 @@
 """Requests in, checked: prompt parsing, tokenization, image loading and tiling, fusion and the context budget.
 
 Everything that can fail on bad input fails here, in the caller's thread, for that request alone; the engine loop
-only ever sees prepared requests. The native engine and the vLLM backend share one `InputProcessor`: the same prompt
+only ever sees prepared requests. Budgets come before work: images are opened header-only, so their count, their
+pixels (each and together) and the prompt length with their vision tokens are checked before any pixel is decoded;
+then they are decoded one at a time (at most `max_concurrent_image_decodes` in the whole engine), tiled and dropped,
+and memory held by a large decode is handed back to the OS. The native engine and the vLLM backend share one `InputProcessor`: the same prompt
 forms (vLLM's `str` / `{"prompt" | "prompt_token_ids", "multi_modal_data"}`), the same tokenizer (upstream-exact
 ids, `xgenmm.tokenizer`), the same image policy and checks, the same `max_tokens` clamping. Where the backends differ
 (the native engine tiles and fuses images itself, vLLM only wants the decoded images) each calls the parts it needs.
@@ -9,22 +12,55 @@ ids, `xgenmm.tokenizer`), the same image policy and checks, the same `max_tokens
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
 
-from ..errors import ImageCountMismatchError, PromptError, PromptTooLongError, SamplingParamsError
+from ..errors import (
+    ImageCountMismatchError,
+    ImageTooLargeError,
+    PromptError,
+    PromptTooLongError,
+    SamplingParamsError,
+)
 from ..multimodal.fusion import FusedPrompt, fuse_prompt
 from ..multimodal.image_processing import ImageProcessor, ProcessedImage
-from ..multimodal.image_sources import ImageInputPolicy, load_image
+from ..multimodal.image_sources import ImageInputPolicy, decode_image, load_image
 from ..sampling_params import SamplingParams
 from ..special_tokens import IMAGE_TOKEN_ID
 
-__all__ = ["InputProcessor", "ParsedPrompt", "PreparedRequest", "PROMPT_FIELDS"]
+__all__ = ["InputProcessor", "ParsedPrompt", "PreparedRequest", "PROMPT_FIELDS", "release_freed_memory"]
 
 PROMPT_FIELDS = frozenset({"prompt", "prompt_token_ids", "multi_modal_data"})
+# After decoding images of at least this many pixels in one request, hand freed heap back to the OS.
+TRIM_AFTER_PIXELS = 16 * 1024 * 1024
+
+
+def _load_malloc_trim():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): the allocator keeps what it keeps
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_freed_memory() -> bool:
+    """Return freed heap pages to the OS (glibc `malloc_trim`); a decoded multi-megapixel image otherwise stays in the
+    process's resident memory after it is freed. False where the C library has no such call."""
+    if _MALLOC_TRIM is None:
+        return False
+    _MALLOC_TRIM(0)
+    return True
 
 
 @dataclass(frozen=True)
@@ -54,7 +90,8 @@ class InputProcessor:
     """Turns caller prompts into checked requests (see the module docstring). Thread-safe."""
 
     def __init__(self, tokenizer, image_processor: ImageProcessor, *, vocab_size: int, max_model_len: int,
-                 max_images_per_prompt: int, default_image_policy: ImageInputPolicy):
+                 max_images_per_prompt: int, default_image_policy: ImageInputPolicy,
+                 max_concurrent_image_decodes: int = 2):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.is_base_model = not image_processor.anyres
@@ -62,6 +99,7 @@ class InputProcessor:
         self.max_model_len = max_model_len
         self.max_images_per_prompt = max_images_per_prompt
         self.default_image_policy = default_image_policy
+        self._decode_slots = threading.BoundedSemaphore(max(1, max_concurrent_image_decodes))
 
     # ---- the native engine's whole path ---------------------------------------------------------------------------
     def process(self, prompt: Any, params: SamplingParams | None, request_id: str,
@@ -69,7 +107,11 @@ class InputProcessor:
         """Parse, tokenize, load and tile images, fuse, clamp `max_tokens` to the context."""
         params = self.check_params(params)
         parsed = self.parse(prompt)
-        images = [self._tile(image) for image in self.load_images(parsed.images, image_policy, request_id)]
+        opened = self.load_images(parsed.images, image_policy, request_id)  # headers only
+        self.check_image_tags(parsed.token_ids, len(opened), request_id)
+        # Budgets before work: the context must hold the prompt with every image's vision tokens.
+        self.fit_to_context(params, self.fused_length(parsed.token_ids, opened), request_id)
+        images = self.decode_images(opened, request_id, tile=True)
         fused = fuse_prompt(parsed.token_ids, images, base_model=self.is_base_model)
         params = self.fit_to_context(params, len(fused.token_ids), request_id)
         return PreparedRequest(request_id, parsed.text, parsed.token_ids, images, fused, params)
@@ -112,8 +154,9 @@ class InputProcessor:
 
     def load_images(self, images: list[Any], image_policy: ImageInputPolicy | None, request_id: str,
                     *, allow_processed: bool = True) -> list[Any]:
-        """Decode every image reference under the policy (PIL images out; `ProcessedImage`s pass through when
-        `allow_processed`), after the per-request image limit."""
+        """Open every image reference under the policy, header only (PIL images out; `ProcessedImage`s pass through
+        when `allow_processed`), after the per-request image limit; the request's total pixels are checked here,
+        before any pixel is decoded."""
         if len(images) > self.max_images_per_prompt:
             raise PromptError(f"request {request_id!r} has {len(images)} images; the limit is "
                               f"{self.max_images_per_prompt} (engine option max_images_per_prompt)")
@@ -126,8 +169,31 @@ class InputProcessor:
                                       "(PIL, bytes, path, URL, ...), not an already processed ProcessedImage")
                 out.append(image)
             else:
-                out.append(load_image(image, policy, what=f"image {index}"))
+                out.append(load_image(image, policy, what=f"image {index}", decode=False))
+        limit = policy.max_request_image_pixels
+        total = sum(im.size[0] * im.size[1] for im in out if isinstance(im, Image.Image))
+        if limit is not None and total > limit:
+            raise ImageTooLargeError(f"request {request_id!r}: its images have {total} pixels together; the limit "
+                                     f"per request is {limit}")
         return out
+
+    def decode_images(self, images: list[Any], request_id: str, *, tile: bool) -> list[Any]:
+        """Decode header-only images one at a time, in place in `images` (at most `max_concurrent_image_decodes` in
+        this engine at once); with `tile`, each becomes its `ProcessedImage` and its decoded pixels are let go
+        before the next one is decoded."""
+        pixels = 0
+        for index, image in enumerate(images):
+            if isinstance(image, ProcessedImage):
+                continue
+            pixels += image.size[0] * image.size[1]
+            with self._decode_slots:
+                decode_image(image, what=f"image {index}")
+                if tile:
+                    images[index] = self._tile(image)  # our list no longer holds the decoded pixels
+            del image
+        if pixels >= TRIM_AFTER_PIXELS:
+            release_freed_memory()
+        return images
 
     def check_image_tags(self, token_ids: list[int], num_images: int, request_id: str) -> None:
         num_tags = token_ids.count(IMAGE_TOKEN_ID)
@@ -139,8 +205,17 @@ class InputProcessor:
         """How many positions the prompt takes once every `<image>` is replaced by its vision tokens."""
         if self.is_base_model:  # the base prompt already holds 128 ids per image
             return len(token_ids)
-        return len(token_ids) + sum(self.image_processor.expected_num_vision_tokens(self.oriented_size(image)) - 1
-                                    for image in images)
+        return len(token_ids) + sum(self._vision_tokens(image) - 1 for image in images)
+
+    def _vision_tokens(self, image: Image.Image) -> int:
+        """Vision tokens of an opened (not decoded) image. A transposed size gives the same count whenever the
+        anyres grids are symmetric (the official ones are), so the EXIF orientation, which for a PNG can only be
+        read by decoding it, is consulted only when it matters."""
+        width, height = image.size
+        as_is = self.image_processor.expected_num_vision_tokens((width, height))
+        if as_is == self.image_processor.expected_num_vision_tokens((height, width)):
+            return as_is
+        return self.image_processor.expected_num_vision_tokens(self.oriented_size(image))
 
     def fit_to_context(self, params: SamplingParams, prompt_length: int, request_id: str) -> SamplingParams:
         """Refuse a prompt that fills the context; clamp `max_tokens` to what is left (None = all of it, as vLLM)."""

@@ -90,7 +90,8 @@ class LLMEngine:
         self.input_processor = InputProcessor(self.tokenizer, self.image_processor, vocab_size=self.model.vocab_size,
                                               max_model_len=self.max_model_len,
                                               max_images_per_prompt=cfg.max_images_per_prompt,
-                                              default_image_policy=cfg.image_policy)
+                                              default_image_policy=cfg.image_policy,
+                                              max_concurrent_image_decodes=cfg.max_concurrent_image_decodes)
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self._requests: dict[str, RequestState] = {}
         self._grammar_compiler = None
@@ -115,7 +116,8 @@ class LLMEngine:
             from ..chat.template import ChatRenderer
             from ..tool_calls import HermesToolRenderer
 
-            self._chat_renderer = ChatRenderer(self.tokenizer, tool_renderer=HermesToolRenderer())
+            self._chat_renderer = ChatRenderer(self.tokenizer, tool_renderer=HermesToolRenderer(),
+                                               content_tokens=self.config.chat_content_tokens)
         return self._chat_renderer
 
     @property

@@ -32,7 +32,33 @@ SO400M_VISION = dict(
 )
 
 
-__all__ = ["XGenMMConfig", "TextConfig", "PerceiverConfig"]
+__all__ = ["XGenMMConfig", "TextConfig", "PerceiverConfig", "SIZE_BOUNDS"]
+
+# Sane ranges for every size a config.json sets, checked before anything is allocated (a config claiming 1e9 layers
+# or a 1e12-token context is refused at once, not after minutes of allocation). Generous: ~100x the real model.
+SIZE_BOUNDS: dict[str, tuple[int, int]] = {
+    "vocab_size": (32015, 1_000_000),
+    "hidden_size": (1, 65_536),
+    "intermediate_size": (1, 262_144),
+    "num_hidden_layers": (1, 1_024),
+    "num_attention_heads": (1, 1_024),
+    "num_key_value_heads": (1, 1_024),
+    "max_position_embeddings": (1, 1_048_576),
+    "initial_tokenizer_len": (32012, 32012),
+    "vision.hidden_size": (1, 16_384),
+    "vision.intermediate_size": (1, 65_536),
+    "vision.num_hidden_layers": (1, 256),
+    "vision.num_attention_heads": (1, 256),
+    "vision.image_size": (384, 384),
+    "vision.patch_size": (14, 14),
+    "perceiver.num_latents": (1, 4_096),
+}
+
+
+def _check_size(name: str, value: Any) -> None:
+    low, high = SIZE_BOUNDS[name]
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"config.json {name}={value!r} is outside the supported range [{low}, {high}]")
 
 
 @dataclass(frozen=True)
@@ -131,6 +157,10 @@ class XGenMMConfig:
             output_dim=int(vtok.get("lang_embedding_dim", 3072)),
             num_latents=int(vtok.get("num_vis_tokens", 128)),
         )
+        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                    "patch_size"):
+            _check_size(f"vision.{key}", vision.get(key))
+        _check_size("perceiver.num_latents", perceiver.num_latents)
         if perceiver.dim != vision["hidden_size"]:
             raise ConfigError(
                 f"vision_tokenizer_config.vis_feature_dim={perceiver.dim} does not match the vision width {vision['hidden_size']}"
@@ -161,6 +191,11 @@ def _text_config(d: dict[str, Any]) -> TextConfig:
     if "initial_tokenizer_len" not in d:
         raise ConfigError("text_config.initial_tokenizer_len is required (32012 in the official checkpoints)")
     kwargs = {k: v for k, v in d.items() if k not in ("initial_tokenizer_len", "model_type", "torch_dtype", "dtype")}
+    _check_size("initial_tokenizer_len", d["initial_tokenizer_len"])
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "max_position_embeddings"):
+        if kwargs.get(key) is not None:
+            _check_size(key, kwargs[key])
     try:
         phi3 = Phi3Config(**kwargs)
     except Exception as exc:  # transformers validates rope settings etc.

@@ -44,6 +44,8 @@ __all__ = [
     "image_to_data_url",
     "is_public_address",
     "load_image",
+    "decode_image",
+    "MAX_IMAGE_REF_DEPTH",
 ]
 
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
@@ -66,8 +68,9 @@ class ImageInputPolicy:
     """What ``load_image`` may do. Closed by default; each refusal names the option that would allow it.
 
     ``local_file_roots``: when non-empty, local files must resolve (symlinks followed) inside one of these folders.
-    ``max_image_bytes`` / ``max_image_pixels``: None = unlimited. ``allowed_schemes`` governs remote URLs only
-    (``data:`` is always accepted; ``file://`` follows ``allow_local_files``).
+    ``max_image_bytes`` / ``max_image_pixels``: per image, None = unlimited; ``max_request_image_pixels``: all the
+    images of one request together (checked from the headers, before any pixel is decoded). ``allowed_schemes``
+    governs remote URLs only (``data:`` is always accepted; ``file://`` follows ``allow_local_files``).
     """
 
     allow_remote_images: bool = False
@@ -78,6 +81,7 @@ class ImageInputPolicy:
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
     fetch_timeout_s: float = 10.0
     allowed_schemes: tuple[str, ...] = ("http", "https")
+    max_request_image_pixels: int | None = None
 
     def __post_init__(self) -> None:
         roots = self.local_file_roots
@@ -92,13 +96,15 @@ class ImageInputPolicy:
             raise ValueError(f"max_image_bytes must be positive or None, got {self.max_image_bytes}")
         if self.max_image_pixels is not None and self.max_image_pixels <= 0:
             raise ValueError(f"max_image_pixels must be positive or None, got {self.max_image_pixels}")
+        if self.max_request_image_pixels is not None and self.max_request_image_pixels <= 0:
+            raise ValueError(f"max_request_image_pixels must be positive or None, got {self.max_request_image_pixels}")
         if not self.fetch_timeout_s > 0:
             raise ValueError(f"fetch_timeout_s must be positive, got {self.fetch_timeout_s}")
 
 
     # The option names every front end exposes (the LangChain and LlamaIndex adapters' fields, the CLI's flags).
     SETTINGS = ("allow_remote_images", "allow_local_files", "allow_private_addresses", "local_file_roots",
-                "max_image_bytes", "max_image_pixels", "fetch_timeout_s")
+                "max_image_bytes", "max_image_pixels", "fetch_timeout_s", "max_request_image_pixels")
 
     @classmethod
     def from_settings(cls, settings: Any) -> "ImageInputPolicy":
@@ -115,23 +121,46 @@ _DEFAULT_POLICY = ImageInputPolicy()
 # --------------------------------------------------------------------------------------------------------------
 
 
-def load_image(source: Any, policy: ImageInputPolicy = _DEFAULT_POLICY, *, what: str = "image") -> Image.Image:
-    """Turn one image reference into a fully decoded ``PIL.Image.Image`` (mode unchanged; see ``to_rgb``).
+MAX_IMAGE_REF_DEPTH = 4  # {"image_url": {"url": ...}} nests 2 deep; deeper is refused, never recursed into
+
+
+def load_image(source: Any, policy: ImageInputPolicy = _DEFAULT_POLICY, *, what: str = "image",
+               decode: bool = True) -> Image.Image:
+    """Turn one image reference into a ``PIL.Image.Image`` (mode unchanged; see ``to_rgb``), fully decoded unless
+    ``decode=False``: then only the header is read (size, format, pixel limit checked) and the pixels are decoded
+    later by ``decode_image`` (or on first use), so a caller can check its budgets before paying for the pixels.
 
     ``what`` names the input in error messages (e.g. "message 2, block 1"). Raises ``ImageSourceNotAllowedError``
     (policy refusal), ``ImageTooLargeError`` (byte / pixel limit) or ``ImageError`` (unreadable, undecodable,
-    unsupported reference such as an OpenAI ``file_id``).
+    unsupported reference such as an OpenAI ``file_id``, or nested too deeply).
     """
+    for _ in range(MAX_IMAGE_REF_DEPTH):
+        if not isinstance(source, dict):
+            break
+        source = _unwrap_mapping(source, what)
+    else:
+        if isinstance(source, dict):
+            raise ImageError(f"{what}: image reference objects are nested more than {MAX_IMAGE_REF_DEPTH} deep")
+    image = _open_image(source, policy, what)
+    if decode:
+        decode_image(image, what)
+    return image
+
+
+def decode_image(image: Image.Image, what: str = "image") -> Image.Image:
+    """Decode a header-only image's pixels now; corrupt or truncated data raises ``ImageError``."""
+    _load_pixels(image, what)
+    return image
+
+
+def _open_image(source: Any, policy: ImageInputPolicy, what: str) -> Image.Image:
     if isinstance(source, Image.Image):
         check_image_pixels(source.size, policy.max_image_pixels, what=what)
-        _load_pixels(source, what)
         return source
     if isinstance(source, (bytes, bytearray, memoryview)):
         return _decode_image_bytes(bytes(source), policy, what)
     if isinstance(source, os.PathLike):
         return _load_local_file(os.fspath(source), policy, what)
-    if isinstance(source, dict):
-        return _load_from_mapping(source, policy, what)
     if isinstance(source, str):
         return _load_from_string(source, policy, what)
     if hasattr(source, "read"):
@@ -139,17 +168,16 @@ def load_image(source: Any, policy: ImageInputPolicy = _DEFAULT_POLICY, *, what:
     raise ImageError(f"{what}: unsupported image source of type {type(source).__name__}")
 
 
-def _load_from_mapping(source: dict[str, Any], policy: ImageInputPolicy, what: str) -> Image.Image:
+def _unwrap_mapping(source: dict[str, Any], what: str) -> Any:
     if "url" in source:  # OpenAI {"url": ..., "detail": ...}
-        return load_image(source["url"], policy, what=what)
+        return source["url"]
     if "image_url" in source:
-        inner = source["image_url"]
-        return load_image(inner, policy, what=what)
+        return source["image_url"]
     if "file_id" in source:
         raise ImageError(
             f"{what}: file_id image references are not supported; send the image inline as a data URL or base64"
         )
-    raise ImageError(f"{what}: unsupported image object with keys {sorted(source)}; expected 'url'")
+    raise ImageError(f"{what}: unsupported image object with keys {sorted(map(str, source))[:8]}; expected 'url'")
 
 
 def _load_from_string(source: str, policy: ImageInputPolicy, what: str) -> Image.Image:
@@ -202,7 +230,6 @@ def _decode_image_bytes(
     except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
         raise ImageError(f"{what}: cannot read image header: {exc}") from exc
     check_image_pixels(image.size, policy.max_image_pixels, what=what)
-    _load_pixels(image, what)
     return image
 
 
@@ -345,6 +372,8 @@ def _load_local_file(path: str, policy: ImageInputPolicy, what: str, *, maybe_ba
             f"{what}: local image files are not allowed; enable them with ImageInputPolicy(allow_local_files=True)"
             f"{extra}"
         )
+    if "\x00" in path:
+        raise ImageError(f"{what}: an image path may not contain a NUL character")
     real = os.path.realpath(os.path.expanduser(path))
     if policy.local_file_roots:
         roots = [os.path.realpath(os.path.expanduser(r)) for r in policy.local_file_roots]

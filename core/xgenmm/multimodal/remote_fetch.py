@@ -73,7 +73,44 @@ def is_public_address(address: str) -> bool:
     return ip.is_global
 
 
-_DNS_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="xgenmm-dns")
+class _HostResolver:
+    """DNS lookups that cannot starve each other: one daemon thread per (host, port) being resolved, shared by every
+    request that needs that name, each caller waiting only up to its own deadline. A slow name delays only the
+    requests that need it (a shared pool of a few threads let four slow names time out every other lookup)."""
+
+    MAX_NAMES_IN_FLIGHT = 64  # distinct names resolving at once; beyond that a lookup is refused, not queued
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._in_flight: dict[tuple[str, int], concurrent.futures.Future] = {}
+
+    def resolve(self, host: str, port: int, timeout_s: float) -> list[str]:
+        key = (host, port)
+        with self._lock:
+            future = self._in_flight.get(key)
+            if future is None:
+                if len(self._in_flight) >= self.MAX_NAMES_IN_FLIGHT:
+                    raise OSError(f"too many host names are being resolved at once ({self.MAX_NAMES_IN_FLIGHT})")
+                future = self._in_flight[key] = concurrent.futures.Future()
+                threading.Thread(target=self._lookup, args=(key, future), name="xgenmm-dns", daemon=True).start()
+        return future.result(timeout=timeout_s)
+
+    def _lookup(self, key: tuple[str, int], future: concurrent.futures.Future) -> None:
+        try:
+            infos = socket.getaddrinfo(key[0], key[1], 0, socket.SOCK_STREAM)
+            addresses: list[str] = []
+            for _family, _type, _proto, _canon, sockaddr in infos:
+                if str(sockaddr[0]) not in addresses:
+                    addresses.append(str(sockaddr[0]))
+            future.set_result(addresses)
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiter
+            future.set_exception(exc)
+        finally:
+            with self._lock:
+                self._in_flight.pop(key, None)
+
+
+_RESOLVER = _HostResolver()
 
 
 def _resolve_host(host: str, port: int, timeout_s: float) -> list[str]:
@@ -83,14 +120,7 @@ def _resolve_host(host: str, port: int, timeout_s: float) -> list[str]:
         return [host]
     except ValueError:
         pass
-    future = _DNS_POOL.submit(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
-    infos = future.result(timeout=timeout_s)
-    addresses: list[str] = []
-    for _family, _type, _proto, _canon, sockaddr in infos:
-        address = str(sockaddr[0])
-        if address not in addresses:
-            addresses.append(address)
-    return addresses
+    return _RESOLVER.resolve(host, port, timeout_s)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """The FastAPI app: `/v1/chat/completions`, `/v1/models`, `/health`, `/metrics`, OpenAI error objects everywhere.
 
 `build_app(config)` creates (or reuses, through the process-wide registry) the engine for `config.model` and
-serves it; pass `llm=` to serve an `AsyncLLM` you already have. Auth (Bearer API key) guards `/v1/*`; `/health`
-and `/metrics` stay open for probes and scrapers (the server binds to loopback unless told otherwise).
+serves it; pass `llm=` to serve an `AsyncLLM` you already have. Every request first passes the `RequestGuard`
+(Host, Origin, Content-Type; see guard.py); auth (Bearer API key) guards `/v1/*` and, when a key is set, `/metrics`;
+`/health` stays open for probes. Every error response is counted in `xgenmm_http_requests_total`.
 """
 
 from __future__ import annotations
@@ -12,19 +13,23 @@ import logging
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..async_llm import AsyncLLM
+from ..engine.input_processor import release_freed_memory
 from .chat import ChatCompletionService, ClientDisconnected
 from .config import ServerConfig
 from .errors import AUTHENTICATION, NOT_FOUND, OpenAIError, error_from_exception
+from .guard import RequestGuard
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import parse_json_body
 
 logger = logging.getLogger("xgenmm.server")
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_TRIM_AFTER_BODY_BYTES = 4 * 1024**2
 
 
 def _error_response(err: OpenAIError, headers: dict | None = None) -> JSONResponse:
@@ -48,6 +53,7 @@ async def read_body_limited(request: Request, limit: int) -> bytes:
 
 
 def build_app(config: ServerConfig, llm: AsyncLLM | None = None) -> FastAPI:
+    config.validate()
     if llm is None:
         llm = AsyncLLM(config.model, config.device, config.dtype, **config.engine_options)
     metrics = ServerMetrics(llm.engine, config.model_name)
@@ -70,6 +76,7 @@ def build_app(config: ServerConfig, llm: AsyncLLM | None = None) -> FastAPI:
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(_: Request, exc: OpenAIError):
+        metrics.count_error(exc.status)
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return _error_response(exc, headers)
 
@@ -83,16 +90,20 @@ def build_app(config: ServerConfig, llm: AsyncLLM | None = None) -> FastAPI:
                               code="method_not_allowed")
         else:
             err = OpenAIError(str(exc.detail), exc.status_code, param=None)
+        metrics.count_error(err.status)
         return _error_response(err)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError):
+        metrics.count_error(400)
         return _error_response(OpenAIError(f"invalid request: {exc.errors()}", 400))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):
         logger.exception("unexpected error")
-        return _error_response(error_from_exception(exc))
+        err = error_from_exception(exc)
+        metrics.count_error(err.status)
+        return _error_response(err)
 
     @app.get("/health")
     async def health():
@@ -100,7 +111,9 @@ def build_app(config: ServerConfig, llm: AsyncLLM | None = None) -> FastAPI:
         return {"status": "ok", "model": config.model_name, "num_running": stats.num_running,
                 "num_waiting": stats.num_waiting}
 
-    @app.get("/metrics")
+    metrics_auth = [Depends(require_api_key)] if config.metrics_require_api_key else []
+
+    @app.get("/metrics", dependencies=metrics_auth)
     async def prometheus_metrics():
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
@@ -121,16 +134,23 @@ def build_app(config: ServerConfig, llm: AsyncLLM | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_api_key)])
     async def chat_completions(request: Request):
+        raw = await read_body_limited(request, config.max_request_bytes)
         try:
-            body = parse_json_body(await read_body_limited(request, config.max_request_bytes))
+            body = parse_json_body(raw)
             result = await service.create(body, request.is_disconnected)
         except ClientDisconnected:
             return Response(status_code=499)  # nobody is listening; logged by the access log only
-        except OpenAIError as err:
-            metrics.count_error(err.status)
-            raise
+        finally:
+            if len(raw) >= _TRIM_AFTER_BODY_BYTES:
+                del raw
+                release_freed_memory()  # large bodies (base64 images) must not stay in the heap once handled
         if isinstance(result, dict):
             return JSONResponse(result)
         return StreamingResponse(result, media_type="text/event-stream", headers=_SSE_HEADERS)
 
+    if config.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type"], allow_credentials=False)
+    app.add_middleware(RequestGuard, accepted_hosts=config.accepted_hosts(), allowed_origins=config.allowed_origins,
+                       on_refusal=metrics.count_error)  # added last: runs first
     return app

@@ -43,7 +43,8 @@ class ChatCompletionService:
 
     # ---- entry point ---------------------------------------------------------------------------------------------
     async def create(self, body: dict, is_disconnected: Callable[[], Awaitable[bool]]) -> dict | AsyncIterator[str]:
-        req = parse_chat_request(body, max_tokens_default=self.config.max_tokens_default)
+        req = parse_chat_request(body, max_tokens_default=self.config.max_tokens_default, max_n=self.config.max_n,
+                                 max_tokens_ceiling=self.config.max_tokens_ceiling)
         self._check_model(req)
         if req.num_images > self.config.max_images_per_request:
             limit = self.config.max_images_per_request

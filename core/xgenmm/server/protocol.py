@@ -87,14 +87,38 @@ def _expect(body: dict, name: str, types: tuple[type, ...], what: str) -> Any:
     return value
 
 
+MAX_JSON_DEPTH = 32  # a chat request nests ~6 deep (messages / content / image_url / ...); schemas a little more
+
+
 def parse_json_body(raw: bytes) -> dict:
+    """The body as a JSON object; malformed or absurdly nested bodies are a 400, never a RecursionError."""
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _bad(f"the request body is not valid JSON: {exc}", None, "invalid_json") from None
+    except RecursionError:
+        raise _bad(f"the request body nests deeper than {MAX_JSON_DEPTH} levels", None, "invalid_json") from None
     if not isinstance(body, dict):
         raise _bad(f"the request body must be a JSON object, got {type(body).__name__}", None, "invalid_json")
+    if json_depth(body) > MAX_JSON_DEPTH:
+        raise _bad(f"the request body nests deeper than {MAX_JSON_DEPTH} levels", None, "invalid_json")
     return body
+
+
+def json_depth(value: Any) -> int:
+    """How deep lists and objects nest in `value` (iterative: no recursion on what a client sent)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
 
 
 def count_image_parts(messages: list) -> int:
@@ -165,8 +189,10 @@ def _sampling_param_name(exc: SamplingParamsError) -> str | None:
     return _OPENAI_PARAM_NAMES.get(name, name)
 
 
-def parse_chat_request(body: dict, *, max_tokens_default: int | None = None) -> ChatCompletionRequest:
-    """Validate a decoded JSON body; raises `OpenAIError` (400) naming the field at fault."""
+def parse_chat_request(body: dict, *, max_tokens_default: int | None = None, max_n: int | None = None,
+                       max_tokens_ceiling: int | None = None) -> ChatCompletionRequest:
+    """Validate a decoded JSON body; raises `OpenAIError` (400) naming the field at fault. `max_n` and
+    `max_tokens_ceiling` are the server's limits (a max_tokens up to the ceiling is clamped to the context later)."""
     unknown = sorted(set(body) - KNOWN_FIELDS)
     if unknown:
         raise _bad(f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0], "unknown_parameter")
@@ -208,6 +234,16 @@ def parse_chat_request(body: dict, *, max_tokens_default: int | None = None) -> 
     if options.get("max_tokens") is None and options.get("max_completion_tokens") is None:
         options["max_tokens"] = max_tokens_default
     max_param = "max_completion_tokens" if "max_completion_tokens" in options else "max_tokens"
+    requested = options.get(max_param)
+    if max_tokens_ceiling is not None and isinstance(requested, (int, float)) and not isinstance(requested, bool) \
+            and requested > max_tokens_ceiling:
+        raise _bad(f"'{max_param}' is {requested}; this server allows at most {max_tokens_ceiling} "
+                   "(xgenmm serve --max-tokens-ceiling); up to that it is capped to what the context leaves",
+                   max_param, "invalid_sampling_option")
+    n = options.get("n")
+    if max_n is not None and isinstance(n, int) and not isinstance(n, bool) and n > max_n:
+        raise _bad(f"'n' is {n}; this server returns at most {max_n} choices (xgenmm serve --max-n)", "n",
+                   "invalid_sampling_option")
     try:
         chat = build_chat_request(
             messages, sampling=options, tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,

@@ -21,12 +21,19 @@ slow tokenizer on a real sentencepiece model.
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 __all__ = ["AddedTokenRule", "PromptEncoding", "SlowLlamaPromptEncoder", "SPIECE_UNDERLINE"]
+
+
+def _inside(spans: list[tuple[int, int]], start: int, end: int) -> bool:
+    """Whether [start, end) lies within one of the sorted, non-overlapping `spans`."""
+    index = bisect.bisect_right(spans, (start, float("inf"))) - 1
+    return index >= 0 and spans[index][0] <= start and end <= spans[index][1]
 
 SPIECE_UNDERLINE = "\u2581"
 
@@ -98,18 +105,25 @@ class SlowLlamaPromptEncoder:
         return cls(Tokenizer.from_str(json.dumps(spec)), added_tokens, special_tokens, add_prefix_space)
 
     # ---- public ----------------------------------------------------------------------------------------------------
-    def encode(self, text: str, split_added_tokens: bool = True, with_details: bool = True) -> PromptEncoding:
-        return self.encode_batch([text], split_added_tokens, with_details)[0]
+    def encode(self, text: str, split_added_tokens: bool = True, with_details: bool = True,
+               tag_spans: Sequence[tuple[int, int]] | None = None) -> PromptEncoding:
+        return self.encode_batch([text], split_added_tokens, with_details,
+                                 None if tag_spans is None else [tag_spans])[0]
 
     def encode_batch(
-        self, texts: Sequence[str], split_added_tokens: bool = True, with_details: bool = False
+        self, texts: Sequence[str], split_added_tokens: bool = True, with_details: bool = False,
+        tag_spans: Sequence[Sequence[tuple[int, int]] | None] | None = None,
     ) -> list[PromptEncoding]:
         """Encode each text. `split_added_tokens=False` is the slow tokenizer's `split_special_tokens=True`: no
-        added token is recognised, the whole text is one chunk. Token strings and offsets are filled only with
-        `with_details` (they cost more than the ids); otherwise both lists are empty."""
+        added token is recognised, the whole text is one chunk. `tag_spans` (per text, (start, end) character
+        ranges): only added tokens lying inside one of them are recognised, every other occurrence is plain text
+        (the chat template marks the control tokens it wrote itself, so content cannot forge them). Token strings
+        and offsets are filled only with `with_details` (they cost more than the ids); otherwise both lists are
+        empty."""
         prepared: list[list[tuple[int, int, AddedTokenRule | None]]] = []
         chunk_texts: list[str] = []
-        for text in texts:
+        spans_per_text = tag_spans if tag_spans is not None else [None] * len(texts)
+        for text, spans in zip(texts, spans_per_text):
             if not isinstance(text, str):
                 raise TypeError(f"expected text (str), got {type(text).__name__}")
             if not text:
@@ -118,7 +132,12 @@ class SlowLlamaPromptEncoder:
             transformed = text.replace(SPIECE_UNDERLINE, " ")
             if self._add_prefix_space:
                 transformed = SPIECE_UNDERLINE + transformed
-            chunks = self._split(transformed) if split_added_tokens else [(0, len(transformed), None)]
+            if not split_added_tokens:
+                chunks = [(0, len(transformed), None)]
+            else:
+                shift = 1 if self._add_prefix_space else 0
+                allowed = None if spans is None else sorted((a + shift, b + shift) for a, b in spans)
+                chunks = self._split(transformed, allowed)
             prepared.append(chunks)
             chunk_texts.extend(transformed[a:b] for a, b, rule in chunks if rule is None)
         if with_details:
@@ -157,9 +176,9 @@ class SlowLlamaPromptEncoder:
             ids, tokens, offsets = ids[1:], tokens[1:], offsets[1:]
         return PromptEncoding(ids, tokens, offsets)
 
-    def _split(self, text: str) -> list[tuple[int, int, AddedTokenRule | None]]:
+    def _split(self, text: str, allowed: list[tuple[int, int]] | None = None) -> list[tuple[int, int, AddedTokenRule | None]]:
         """Step 2: (start, end, rule) of added tokens and text chunks (rule None) in order, strip rules applied,
-        empty text chunks removed."""
+        empty text chunks removed. With `allowed` (sorted spans), a match outside them stays text."""
         if self._pattern is None:
             return [(0, len(text), None)]
         parts: list[list] = []  # [start, end, rule]
@@ -167,6 +186,8 @@ class SlowLlamaPromptEncoder:
         rules = self._rules
         for match in self._pattern.finditer(text):
             begin = match.start()
+            if allowed is not None and not _inside(allowed, begin, match.end()):
+                continue
             if begin > pos:
                 parts.append([pos, begin, None])
             parts.append([begin, match.end(), rules[match.group()]])
