@@ -135,17 +135,21 @@ def test_tool_result_may_carry_images(tok):
 
 def test_core_engine_renderer_has_the_tool_renderer(tiny_checkpoint):
     """LLM.chat(..., tools=...) works for every front end: the engine's renderer carries HermesToolRenderer."""
-    from xgenmm.chat.template import ChatRenderer
+    from types import SimpleNamespace
+
+    from xgenmm.chat.template import engine_chat_renderer
+    from xgenmm.engine.llm_engine import LLMEngine
     from xgenmm.tokenizer import load_tokenizer
 
-    # Building a whole engine is slow; the engine property constructs exactly this renderer.
-    import inspect
-
-    from xgenmm.engine import llm_engine
-
-    assert "tool_renderer=HermesToolRenderer()" in inspect.getsource(llm_engine.LLMEngine.chat_renderer.fget)
-    renderer = ChatRenderer(load_tokenizer(tiny_checkpoint), tool_renderer=HermesToolRenderer())
+    tokenizer = load_tokenizer(tiny_checkpoint)
+    renderer = engine_chat_renderer(tokenizer)
+    assert isinstance(renderer.tool_renderer, HermesToolRenderer)
     assert "<tools>" in renderer.render([{"role": "user", "content": "x"}], tools=TOOLS).text
+    # The engine's property hands out exactly that renderer (built without loading a model).
+    engine = SimpleNamespace(_chat_renderer=None, tokenizer=tokenizer, config=SimpleNamespace(chat_content_tokens="text"))
+    from_engine = LLMEngine.chat_renderer.fget(engine)
+    assert isinstance(from_engine.tool_renderer, HermesToolRenderer) and from_engine.content_tokens == "text"
+    assert "<tools>" in from_engine.render([{"role": "user", "content": "x"}], tools=TOOLS).text
 
 
 # ---- parsing --------------------------------------------------------------------------------------------------------

@@ -191,11 +191,9 @@ class VllmEngineCore:
     @property
     def chat_renderer(self):
         if self._chat_renderer is None:
-            from ..chat.template import ChatRenderer
-            from ..tool_calls import HermesToolRenderer
+            from ..chat.template import engine_chat_renderer
 
-            self._chat_renderer = ChatRenderer(self.tokenizer, tool_renderer=HermesToolRenderer(),
-                                               content_tokens=self.config.chat_content_tokens)
+            self._chat_renderer = engine_chat_renderer(self.tokenizer, self.config.chat_content_tokens)
         return self._chat_renderer
 
     def prepare(self, prompt: Any, params: SamplingParams | None, request_id: str,

@@ -153,6 +153,14 @@ class _Piece:
     is_image: bool
 
 
+def engine_chat_renderer(tokenizer, content_tokens: str = "text") -> "ChatRenderer":
+    """The chat renderer every engine (native and vLLM) hands its front ends: the official template with the Hermes
+    tool format."""
+    from ..tool_calls import HermesToolRenderer
+
+    return ChatRenderer(tokenizer, tool_renderer=HermesToolRenderer(), content_tokens=content_tokens)
+
+
 class ChatRenderer:
     """Renders chat messages in the official xGen-MM prompt format and tokenizes them (see the module docstring).
 
