@@ -2,8 +2,9 @@
 
 - A local directory is used as is; anything else is a Hugging Face model id, resolved from the local cache first and
   downloaded only when the machine is online (never `trust_remote_code`, never a separate SigLIP download).
-- Shards (`model.safetensors.index.json`) or a single `model.safetensors`, memory-mapped, cast tensor by tensor to the
-  requested dtype and device.
+- Shards (`model.safetensors.index.json`) or a single `model.safetensors`, read tensor by tensor (in chunks of at most
+  64 MiB, with plain file reads, never a memory map) straight into the model's parameters, which are allocated once in
+  the target dtype: peak memory is the weights in that dtype plus one chunk, whatever the checkpoint's own dtype.
 - Every expected key must be present with its exact shape; unknown keys are errors; the SigLIP pooling-head keys
   (`vlm.vision_encoder.head.*`) are ignored on purpose (xGen-MM never uses them).
 """
@@ -11,8 +12,12 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
+import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +25,8 @@ import torch
 
 from .model.config import XGenMMConfig
 from .errors import CheckpointError, ModelNotFoundError
+
+logger = logging.getLogger("xgenmm.checkpoint")
 
 DEFAULT_MODEL_ID = "Salesforce/xgen-mm-phi3-mini-instruct-interleave-r-v1.5"
 KNOWN_MODEL_IDS = (
@@ -73,10 +80,7 @@ def checkpoint_files(checkpoint_dir: Path) -> dict[str, Path]:
                                   f"{type(weight_map).__name__}")
         return {name: _shard_path(checkpoint_dir, index, name, shard) for name, shard in weight_map.items()}
     if single.is_file():
-        from safetensors import safe_open
-
-        with _open(single) as f:
-            return {name: single for name in f.keys()}
+        return {name: single for name in read_safetensors_header(single)}
     raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {checkpoint_dir}")
 
 
@@ -143,8 +147,18 @@ def expected_checkpoint_shapes(model) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def load_checkpoint_into(model, checkpoint_dir: Path, device: torch.device, dtype: torch.dtype) -> None:
-    """Copy every official tensor into `model` (already materialised on `device` with `dtype`), checking keys and shapes."""
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """A checkpoint's tensors, checked against the model its config builds: key -> file, key -> shape, headers."""
+
+    files: dict[str, Path]
+    expected: dict[str, tuple[int, ...]]
+    index: dict[Path, dict[str, TensorEntry]]
+
+
+def check_checkpoint_layout(model, checkpoint_dir: Path) -> CheckpointLayout:
+    """Keys and shapes of the shards' headers against the model built from config.json (on the meta device, so a
+    config that disagrees with its weights, e.g. an absurd layer count, fails here before anything is allocated)."""
     files = checkpoint_files(checkpoint_dir)
     expected = expected_checkpoint_shapes(model)
     present = {k for k in files if not k.startswith(IGNORED_PREFIXES)}
@@ -156,6 +170,24 @@ def load_checkpoint_into(model, checkpoint_dir: Path, device: torch.device, dtyp
     if unexpected:
         more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
         raise CheckpointError(f"checkpoint {checkpoint_dir} has unexpected keys {', '.join(unexpected[:5])}{more}")
+    index = safetensors_index(files)
+    for name in sorted(expected):
+        path = files[name]
+        entry = index[path].get(name)
+        if entry is None:
+            raise CheckpointError(f"{path.name} does not contain {name} although the index says so")
+        if entry.shape != expected[name]:
+            raise CheckpointError(f"{name} in {path.name} has shape {list(entry.shape)}, expected "
+                                  f"{list(expected[name])} from config.json")
+    return CheckpointLayout(files, expected, index)
+
+
+def load_checkpoint_into(model, checkpoint_dir: Path, device: torch.device, dtype: torch.dtype,
+                         layout: CheckpointLayout | None = None) -> None:
+    """Copy every official tensor into `model` (already materialised on `device` with `dtype`), checking keys and
+    shapes (`layout`: the result of `check_checkpoint_layout` when the caller already ran it)."""
+    layout = layout or check_checkpoint_layout(model, checkpoint_dir)
+    files, expected, index = layout.files, layout.expected, layout.index
     cut = model.config.text.initial_tokenizer_len
     targets = {
         **{_V + n: p for n, p in model.vision.vision_encoder.state_dict(keep_vars=True).items()},
@@ -171,24 +203,116 @@ def load_checkpoint_into(model, checkpoint_dir: Path, device: torch.device, dtyp
         _L + "lm_head.additional_fc.bias": (model.lm_head_bias, slice(cut, None), False),
     }
     with torch.no_grad():
-        for name, tensor in iter_checkpoint_tensors(checkpoint_dir, sorted(expected)):
-            if tuple(tensor.shape) != expected[name]:
-                raise CheckpointError(f"{name} has shape {list(tensor.shape)}, expected {list(expected[name])} from config.json")
-            if name in folded:
-                param, rows, truncate = folded[name]
-                src = tensor[: rows.stop] if truncate else tensor
-                param.data[rows].copy_(src.to(device=device, dtype=dtype))
-            else:
-                target = targets[name]
-                target.data.copy_(tensor.to(device=device, dtype=target.dtype if not target.is_floating_point() else dtype))
+        for path, names in _names_by_file(files, sorted(expected)).items():
+            with open(path, "rb", buffering=0) as fh:
+                for name in names:
+                    entry = index[path][name]
+                    if name in folded:
+                        param, rows, truncate = folded[name]
+                        dest = param.data[rows]
+                        rows_read = dest.shape[0] if truncate else entry.shape[0]
+                    else:
+                        dest, rows_read = targets[name].data, entry.shape[0] if entry.shape else 0
+                    _read_rows_into(fh, path, name, entry, dest, rows_read)
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives in a safetensors file."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+_CHUNK_BYTES = 64 * 1024**2
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
+    """Parse a safetensors header (8-byte little-endian length, then JSON): name -> dtype, shape, byte range."""
+    try:
+        with open(path, "rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            if length > 100 * 1024**2:
+                raise ValueError(f"header length {length} is implausible")
+            header = json.loads(fh.read(length))
+        size = path.stat().st_size
+        entries = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = (8 + length + int(o) for o in info["data_offsets"])
+            dtype = _ST_DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            if end > size or end - begin != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"tensor {name} has inconsistent offsets")
+            entries[name] = TensorEntry(dtype, shape, begin, end)
+        return entries
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+        raise CheckpointError(f"cannot read {path.name}: {exc} (corrupt or truncated safetensors file?)") from exc
+
+
+def safetensors_index(files: dict[str, Path]) -> dict[Path, dict[str, TensorEntry]]:
+    """Every shard's header (of `checkpoint_files`' key -> shard map), parsed once."""
+    return {path: read_safetensors_header(path) for path in sorted(set(files.values()))}
+
+
+def _names_by_file(files: dict[str, Path], names: list[str]) -> dict[Path, list[str]]:
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(files[name], []).append(name)
+    for keys in by_file.values():
+        keys.sort()
+    return by_file
+
+
+def _read_rows_into(fh, path: Path, name: str, entry: TensorEntry, dest: torch.Tensor, rows: int) -> None:
+    """Copy the first `rows` rows of a tensor from the open file into `dest` (any dtype / device), converting in
+    chunks of at most 64 MiB: a same-dtype CPU destination is read into directly, anything else through one buffer."""
+    if not entry.shape:  # a scalar
+        rows, row_shape = 1, ()
+    else:
+        row_shape = entry.shape[1:]
+    row_bytes = math.prod(row_shape) * entry.dtype.itemsize
+    direct = dest.device.type == "cpu" and dest.dtype == entry.dtype and dest.is_contiguous()
+    step = max(1, _CHUNK_BYTES // max(row_bytes, 1))
+    flat_dest = dest.reshape(rows, *row_shape) if entry.shape else dest.reshape(1)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        nbytes = (r1 - r0) * row_bytes
+        if direct:
+            buf = flat_dest[r0:r1]
+        else:
+            buf = torch.empty((r1 - r0, *row_shape) if entry.shape else (1,), dtype=entry.dtype)
+        view = buf.view(-1).view(torch.uint8).numpy()
+        fh.seek(entry.start + r0 * row_bytes)
+        if fh.readinto(view) != nbytes:
+            raise CheckpointError(f"{path.name} ends inside tensor {name} (truncated file?)")
+        if not direct:
+            flat_dest[r0:r1].copy_(buf.reshape(flat_dest[r0:r1].shape))
+
+
+def cpu_computes_bf16() -> bool:
+    """True when this CPU has native bf16 arithmetic (AMX tiles or AVX-512 BF16) and oneDNN can use it, as torch
+    reports it. There bf16 matmuls run ~4x faster than float32 (benchmarks/cpu_linear.py); elsewhere they are
+    emulated and far slower, so the automatic CPU dtype stays float32."""
+    cpu = torch.cpu
+    native = any(getattr(cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return native and torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def parse_dtype(dtype: str | torch.dtype | None, config: XGenMMConfig, device: torch.device) -> torch.dtype:
+    """The model dtype. None / "auto": bfloat16 on CUDA, and on CPUs that compute bf16 natively
+    (`cpu_computes_bf16`), float32 on other CPUs."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
         if device.type == "cpu":
-            return torch.float32  # bf16 matmuls are ~200x slower on common CPUs
+            return torch.bfloat16 if cpu_computes_bf16() else torch.float32
         return torch.bfloat16
     names = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
@@ -206,8 +330,11 @@ def load_model(
 ):
     """Build `XGenMMForConditionalGeneration` from a checkpoint directory (or HF id) alone and load its weights.
 
-    `linear_kernel`: "auto" runs linear layers on oneDNN for float32 on CPU (`model/cpu_linear.py`) and ATen
-    elsewhere; "torch" always uses ATen's `F.linear` (what upstream's transformers code runs)."""
+    The model is built on the meta device, cast there, then allocated once in the target dtype; weights are read
+    into it tensor by tensor (`load_checkpoint_into`), so a float32 checkpoint loaded in bf16 never holds a float32
+    copy. `linear_kernel`: "auto" runs linear layers on oneDNN on CPU (float32 and bf16, plus our bf16 kernel for
+    decode-sized batches; `model/cpu_linear.py`) and ATen elsewhere; "torch" always uses ATen's `F.linear` (what
+    upstream's transformers code runs)."""
     from .model.cpu_linear import onednn_linear_available
     from .model.xgenmm import XGenMMForConditionalGeneration
 
@@ -218,11 +345,15 @@ def load_model(
     config = XGenMMConfig.from_pretrained(checkpoint_dir)
     device = torch.device(device)
     torch_dtype = parse_dtype(dtype, config, device)
+    if dtype in (None, "auto"):
+        logger.info("dtype auto on %s: %s%s", device.type, str(torch_dtype).removeprefix("torch."),
+                    " (the CPU computes bf16 natively)" if device.type == "cpu" and torch_dtype == torch.bfloat16 else "")
     with torch.device("meta"):
         net = XGenMMForConditionalGeneration(config, vision_attn_implementation)
-    net = net.to_empty(device=device).to(torch_dtype)
+    layout = check_checkpoint_layout(net, checkpoint_dir)  # before any allocation: config sizes vs shard headers
+    net = net.to(torch_dtype).to_empty(device=device)  # the cast is free on meta: parameters exist once, in the target dtype
     net.reset_buffers()
-    load_checkpoint_into(net, checkpoint_dir, device, torch_dtype)
+    load_checkpoint_into(net, checkpoint_dir, device, torch_dtype, layout)
     net.eval().requires_grad_(False)
     if linear_kernel == "auto" and onednn_linear_available(device, torch_dtype):
         net.use_onednn_linears()

@@ -259,6 +259,30 @@ def test_config_sizes_are_bounded_before_allocating(tiny_checkpoint, tmp_path, f
     assert time.monotonic() - start < 5
 
 
+@pytest.mark.parametrize("field, value, match", [
+    ("num_hidden_layers", 1000, "missing"),  # within the bounds, but the shards hold far fewer layers
+    ("intermediate_size", 65536, "has shape"),
+])
+def test_config_is_checked_against_the_shard_headers_before_allocating(tiny_checkpoint, tmp_path, monkeypatch,
+                                                                        field, value, match):
+    """A config that disagrees with its weights fails on the shard headers, before any parameter is allocated."""
+    import torch.nn as nn
+
+    from xgenmm.checkpoint import load_model
+
+    bad = _copy_checkpoint(tiny_checkpoint, tmp_path)
+    config = json.loads((bad / "config.json").read_text())
+    config["text_config"][field] = value
+    (bad / "config.json").write_text(json.dumps(config))
+
+    def no_allocation(self, *args, **kwargs):
+        raise AssertionError("parameters were allocated before the checkpoint layout was checked")
+
+    monkeypatch.setattr(nn.Module, "to_empty", no_allocation)
+    with pytest.raises(CheckpointError, match=match):
+        load_model(str(bad), device="cpu", dtype="float32")
+
+
 @pytest.mark.parametrize("weight_map, match", [
     ({"x": "../../outside/x.safetensors"}, "outside the checkpoint folder"),
     ({"x": "/etc/passwd"}, "outside the checkpoint folder"),
