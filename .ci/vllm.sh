@@ -62,5 +62,8 @@ fi
 # Only the three removed packages may be reported missing.
 "$VENV/bin/pip" check | grep -v -E "requires (torchvision|torchaudio|torchcodec), which is not installed" || true
 
+# Our CPU kernels for this environment's torch (reuses the build of .ci/setup when the torch build is the same).
+"$VENV/bin/python" -m xgenmm.cpu_kernels build
+
 export HF_HUB_OFFLINE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 TOKENIZERS_PARALLELISM=false
 exec "$VENV/bin/python" -m pytest tests/vllm_backend -q "$@"

@@ -341,3 +341,19 @@ def test_random_operations_keep_the_pool_consistent_and_kv_correct(num_blocks, b
     bm.check_invariants([])
     assert bm.num_free_blocks == num_blocks
     assert all(b.ref_count == 0 for b in bm.blocks)
+
+
+def test_cpu_kv_pool_default_holds_a_batch_of_image_requests_of_the_real_model(monkeypatch):
+    """The default CPU KV pool scales with the model's bytes per token (a fixed 512 MiB held two image requests of
+    the full model), stays within 512 MiB..4 GiB, and takes at most a quarter of the free memory."""
+    from xgenmm.engine import model_runner as mr
+
+    monkeypatch.setattr(mr, "_available_memory_bytes", lambda: 64 * 1024**3)
+    full_bf16 = 32 * 2 * 3072 * 2  # layers x (k, v) x width x bytes
+    assert mr.default_cpu_kv_cache_bytes(full_bf16) == 4 * 1024**3
+    assert mr.default_cpu_kv_cache_bytes(full_bf16 // 4) == full_bf16 // 4 * mr.CPU_KV_CACHE_TOKENS  # scaled: 1.5 GiB
+    assert mr.default_cpu_kv_cache_bytes(1024) == 512 * 1024**2  # a tiny model keeps the floor
+    monkeypatch.setattr(mr, "_available_memory_bytes", lambda: 8 * 1024**3)
+    assert mr.default_cpu_kv_cache_bytes(full_bf16) == 2 * 1024**3
+    monkeypatch.setattr(mr, "_available_memory_bytes", lambda: 1024**3)
+    assert mr.default_cpu_kv_cache_bytes(full_bf16) == 512 * 1024**2

@@ -61,8 +61,11 @@ def test_loader_runs_the_whole_model_on_onednn_on_cpu(tiny_checkpoint):
         load_model(tiny_checkpoint, "cpu", "float32", linear_kernel="mkl")
 
 
-def test_bfloat16_on_cpu_keeps_aten(tiny_checkpoint):
-    assert not onednn_linear_available("cpu", torch.bfloat16)
+def test_bfloat16_on_cpu_follows_native_bf16_support(tiny_checkpoint):
+    from xgenmm.checkpoint import cpu_computes_bf16
+
+    native = cpu_computes_bf16()
+    assert onednn_linear_available("cpu", torch.bfloat16) == native
     assert not onednn_linear_available("cuda", torch.float32)
     model = load_model(tiny_checkpoint, "cpu", "bfloat16")
-    assert model.linear_kernel == "torch"
+    assert model.linear_kernel.startswith("onednn") if native else model.linear_kernel == "torch"

@@ -7,7 +7,8 @@ __all__ = ["AttentionBackend", "AttentionMetadata", "KVCache", "allocate_kv_cach
 
 
 def get_attention_backend(name: str | None, device) -> AttentionBackend:
-    """Pick a backend by name; None = the best one for the device (Triton on CUDA when importable, else torch)."""
+    """Pick a backend by name; None = the best one for the device: Triton on CUDA when importable; on CPU the
+    in-place paged kernel (`cpu_paged`) where our CPU kernels build (AVX-512 BF16 CPUs), else the torch reference."""
     import torch
 
     device = torch.device(device)
@@ -19,9 +20,20 @@ def get_attention_backend(name: str | None, device) -> AttentionBackend:
                 return TritonBackend()
             except ImportError:
                 pass
+        if device.type == "cpu":
+            from .. import cpu_kernels
+
+            if cpu_kernels.available():
+                from .cpu_paged import CpuPagedAttentionBackend
+
+                return CpuPagedAttentionBackend()
         return TorchReferenceBackend()
     if name == "torch":
         return TorchReferenceBackend()
+    if name == "cpu_paged":
+        from .cpu_paged import CpuPagedAttentionBackend
+
+        return CpuPagedAttentionBackend()
     if name == "flex":
         from .flex import FlexAttentionBackend
 
@@ -30,4 +42,4 @@ def get_attention_backend(name: str | None, device) -> AttentionBackend:
         from .triton_backend import TritonBackend
 
         return TritonBackend()
-    raise ValueError(f"unknown attention backend {name!r}; choose 'torch', 'flex' or 'triton'")
+    raise ValueError(f"unknown attention backend {name!r}; choose 'torch', 'cpu_paged', 'flex' or 'triton'")

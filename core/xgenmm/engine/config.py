@@ -23,7 +23,8 @@ class EngineConfig:
     max_num_seqs: int | None = None  # default: 256 on CUDA, 64 on CPU
     max_num_batched_tokens: int | None = None  # default: 8192 on CUDA, 2048 on CPU
     block_size: int = DEFAULT_BLOCK_SIZE
-    kv_cache_memory_bytes: int | None = None  # CPU: bytes for the KV cache (default 512 MiB)
+    # CPU: bytes for the KV cache (default: room for 16k tokens, 512 MiB to 4 GiB, at most 1/4 of the free memory)
+    kv_cache_memory_bytes: int | None = None
     gpu_memory_utilization: float = 0.9  # CUDA: fraction of the GPU the engine may fill
     enable_prefix_caching: bool = True
     vision_cache_bytes: int = 512 * 1024**2

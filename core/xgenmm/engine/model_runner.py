@@ -58,8 +58,35 @@ def num_kv_blocks_for_budget(model, block_size: int, dtype: torch.dtype, device:
             headroom = 2 * 1024**3
             kv_cache_memory_bytes = max(int(total * gpu_memory_utilization) - used - headroom, per_block * 64)
         else:
-            kv_cache_memory_bytes = 512 * 1024**2
+            kv_cache_memory_bytes = default_cpu_kv_cache_bytes(per_block // block_size)
     return max(int(kv_cache_memory_bytes // per_block), 1)
+
+
+CPU_KV_CACHE_TOKENS = 16384  # e.g. 16 concurrent requests with a 5-crop image each (~700 prompt tokens) and answers
+CPU_KV_CACHE_MIN_BYTES = 512 * 1024**2
+CPU_KV_CACHE_MAX_BYTES = 4 * 1024**3
+
+
+def default_cpu_kv_cache_bytes(bytes_per_token: int) -> int:
+    """The CPU KV pool when none is given: room for CPU_KV_CACHE_TOKENS tokens, between 512 MiB and 4 GiB, and at
+    most a quarter of the memory available now (never below 512 MiB). A fixed 512 MiB held only ~1,300 tokens of the
+    full model (384 KiB per token in bf16), two image requests, so batching turned into preemption."""
+    want = min(max(bytes_per_token * CPU_KV_CACHE_TOKENS, CPU_KV_CACHE_MIN_BYTES), CPU_KV_CACHE_MAX_BYTES)
+    available = _available_memory_bytes()
+    if available is not None:
+        want = min(want, max(available // 4, CPU_KV_CACHE_MIN_BYTES))
+    return want
+
+
+def _available_memory_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 class ModelRunner:

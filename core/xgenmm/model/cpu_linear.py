@@ -1,13 +1,24 @@
-"""Linear layers on oneDNN on CPU (float32), the GEMM that torch.compile's CPU backend and vLLM's CPU backend use.
+"""Linear layers on CPU: oneDNN (float32; the bf16 vision tower) and our batch-invariant bf16 kernels (language model).
 
-Why: eager `F.linear` on CPU goes through a plain sgemm that is slow for the skinny matrices of decoding. On the
-2-core CI CPUs `torch.ops.mkldnn._linear_pointwise` is 1.7x faster for the LM head at decode batch 16
-(16 x 384 x 32015: 7.5 -> 4.3 ms; 2.5x at batch 1), 2.7x for a full-size gate_up at batch 16, 1.04-1.2x on the
-prefill / perceiver / SigLIP shapes, and never slower (`benchmarks/cpu_linear.py`, results/cpu_linear.json). It is the same float32 math; only the summation order
-differs (rounding-level differences, ~1e-7 relative), and the fixture and transformers parity tests run on it.
+Why oneDNN: eager `F.linear` on CPU goes through a plain sgemm that is slow for the skinny matrices of decoding.
+oneDNN (`torch.ops.mkldnn._linear_pointwise`, the GEMM that torch.compile's and vLLM's CPU backends use) is 1.5-2.7x
+faster in float32 at decode sizes and never slower (`benchmarks/cpu_linear.py`, results/cpu_linear.json); in bf16 on
+CPUs with native bf16 (AMX / AVX-512 BF16) it runs the vision tower's large batches at ~4x the float32 rate.
 
-`use_onednn_linears(model)` switches every `nn.Linear` of a loaded model (parameters untouched, so state dicts and
-weight tying are unaffected); `onednn_linear(x, w, b)` is the functional form, used for the LM head.
+Why our own bf16 kernels for the language model (`cpu_kernels/csrc/`): at decode sizes a linear layer is one pass
+over its weight, and oneDNN's bf16 path reads a plain weight at ~40-60% of the memory bandwidth; ours, on weights
+packed once at load (`PackedBf16Linear`), streams it at ~85-90%. And ours computes every output row the same way
+whatever the batch, while oneDNN computes a single row with another kernel than a batch: in bf16 that difference (one
+rounding step in ~1e-4 of the outputs) changes greedy tokens, so a request's output would depend on what it was
+batched with, or on whether its tokens were decoded or recomputed after a preemption. The LM head keeps its plain
+[vocab, hidden] weight (the engine and the reference read it) and runs our plain-layout kernel
+(`bf16_kernel_linear`), also batch-invariant. The vision tower keeps oneDNN: its batches are always hundreds of rows
+(oneDNN gives every row the same result from 2 rows up) and oneDNN is faster there.
+
+`use_onednn_linears(module)` switches every `nn.Linear` inside a loaded module to oneDNN (parameters untouched);
+`use_packed_bf16_linears(module)` replaces them with `PackedBf16Linear` (state dicts still hold the plain
+weights: they are unpacked when saved and packed when loaded). `onednn_linear(x, w, b)` and
+`bf16_kernel_linear(x, w, b)` are the functional forms, used for the LM head.
 """
 
 from __future__ import annotations
@@ -18,15 +29,44 @@ from torch import nn
 
 
 def onednn_linear_available(device: torch.device | str, dtype: torch.dtype) -> bool:
-    """oneDNN linears are used for float32 on CPU only (CUDA has cuBLAS; CPU bf16 is not what we run)."""
-    return (torch.device(device).type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    """oneDNN linears run on CPU in float32, and in bfloat16 where the CPU computes it natively (CUDA has cuBLAS)."""
+    if torch.device(device).type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return False
+    if dtype == torch.float32:
+        return True
+    if dtype == torch.bfloat16:
+        from ..checkpoint import cpu_computes_bf16
+
+        return cpu_computes_bf16()
+    return False
+
+
+def bf16_kernel_available(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Our bf16 linear kernel applies (bf16 on CPU) and is built / loaded (`xgenmm.cpu_kernels`)."""
+    if torch.device(device).type != "cpu" or dtype != torch.bfloat16:
+        return False
+    from .. import cpu_kernels
+
+    return cpu_kernels.available()
+
+
+def _training(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    if _training(x, weight):
         return F.linear(x, weight, bias)  # the oneDNN op has no autograd formula; training keeps ATen's
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def bf16_kernel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Our batch-invariant bf16 kernel on a plain [N, K] weight (the LM head)."""
+    if _training(x, weight) or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
+        return F.linear(x, weight, bias)
+    return torch.ops.xgenmm_cpu.linear_bf16(x, weight, bias)
 
 
 class OneDNNLinear(nn.Linear):
@@ -36,11 +76,75 @@ class OneDNNLinear(nn.Linear):
         return onednn_linear(x, self.weight, self.bias)
 
 
-def use_onednn_linears(module: nn.Module) -> int:
-    """Switch every plain `nn.Linear` inside `module` to `OneDNNLinear` in place; returns how many were switched."""
+class PackedBf16Linear(nn.Module):
+    """A bf16 linear layer whose weight is stored packed for `torch.ops.xgenmm_cpu.linear_bf16_packed`.
+
+    `weight` unpacks on access (a copy); the state dict holds the plain weight, so saving, loading and copying into
+    other models (e.g. `reference.build_hf_language_model`) see an ordinary `nn.Linear`."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight_packed = nn.Parameter(torch.ops.xgenmm_cpu.pack_bf16_weight(linear.weight.detach()),
+                                          requires_grad=False)
+        self.bias = linear.bias
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.ops.xgenmm_cpu.unpack_bf16_weight(self.weight_packed, self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.xgenmm_cpu.linear_bf16_packed(x, self.weight_packed, self.bias, self.out_features)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.weight
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "weight"
+        if key in state_dict:
+            weight = state_dict[key].to(torch.bfloat16)
+            if tuple(weight.shape) != (self.out_features, self.in_features):
+                error_msgs.append(f"size mismatch for {key}: {tuple(weight.shape)} vs "
+                                  f"{(self.out_features, self.in_features)}")
+            else:
+                self.weight_packed.data = torch.ops.xgenmm_cpu.pack_bf16_weight(weight)
+        elif strict:
+            missing_keys.append(key)
+        if self.bias is not None:
+            if prefix + "bias" in state_dict:
+                with torch.no_grad():
+                    self.bias.copy_(state_dict[prefix + "bias"])
+            elif strict:
+                missing_keys.append(prefix + "bias")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _switch(module: nn.Module, cls: type[nn.Linear]) -> int:
     count = 0
     for sub in module.modules():
-        if type(sub) is nn.Linear:
-            sub.__class__ = OneDNNLinear
+        if type(sub) in (nn.Linear, OneDNNLinear) and type(sub) is not cls:
+            sub.__class__ = cls
             count += 1
     return count
+
+
+def use_onednn_linears(module: nn.Module) -> int:
+    """Switch every linear layer inside `module` to `OneDNNLinear` in place; returns how many were switched."""
+    return _switch(module, OneDNNLinear)
+
+
+def use_packed_bf16_linears(module: nn.Module) -> int:
+    """Replace every bf16 linear layer inside `module` by a `PackedBf16Linear` (one layer's weight packed at a time,
+    the plain copy freed); returns how many were replaced."""
+    names = [name for name, sub in module.named_modules()
+             if type(sub) in (nn.Linear, OneDNNLinear) and sub.weight.dtype == torch.bfloat16]
+    for name in names:  # hold no reference to a replaced layer: its plain weight is freed as soon as it is packed
+        parent_name, _, attr = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, attr, PackedBf16Linear(getattr(parent, attr)))
+    return len(names)

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..attention.base import AttentionBackend, AttentionMetadata, KVCache
 from .config import XGenMMConfig
-from .cpu_linear import onednn_linear, use_onednn_linears
+from .cpu_linear import bf16_kernel_available, bf16_kernel_linear, onednn_linear, use_onednn_linears, use_packed_bf16_linears
 from .phi3 import Phi3Decoder
 from .vision import VisionEncoder
 
@@ -30,12 +30,19 @@ class XGenMMForConditionalGeneration(nn.Module):
         self.embed_weight = nn.Parameter(torch.empty(vocab, text.hidden_size))
         self.lm_head_weight = nn.Parameter(torch.empty(vocab, text.hidden_size))
         self.lm_head_bias = nn.Parameter(torch.empty(vocab))
-        self.linear_kernel = "torch"  # "onednn" once `use_onednn_linears` switched the model (CPU float32)
+        self.linear_kernel = "torch"  # "onednn" / "onednn+xgenmm_bf16" once `use_onednn_linears` switched the model (CPU)
 
     def use_onednn_linears(self) -> int:
-        """Run every linear layer and the LM head on oneDNN (see `cpu_linear.py`); returns the layers switched."""
-        self.linear_kernel = "onednn"
-        return use_onednn_linears(self)
+        """CPU linears (see `cpu_linear.py`): oneDNN for every layer, except that in bf16 the language model and its
+        head run our batch-invariant kernel where it is built. Returns the layers switched."""
+        count = use_onednn_linears(self)
+        weight = self.lm_head_weight
+        if bf16_kernel_available(weight.device, weight.dtype):
+            use_packed_bf16_linears(self.language_model)
+            self.linear_kernel = "onednn+xgenmm_bf16"
+        else:
+            self.linear_kernel = "onednn"
+        return count
 
     @property
     def vocab_size(self) -> int:
@@ -66,6 +73,8 @@ class XGenMMForConditionalGeneration(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, 32015] float32 logits (decoupled head, with its bias)."""
+        if self.linear_kernel == "onednn+xgenmm_bf16":
+            return bf16_kernel_linear(hidden, self.lm_head_weight, self.lm_head_bias).float()
         if self.linear_kernel == "onednn":
             return onednn_linear(hidden, self.lm_head_weight, self.lm_head_bias).float()
         return F.linear(hidden, self.lm_head_weight, self.lm_head_bias).float()

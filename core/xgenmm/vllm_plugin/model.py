@@ -25,6 +25,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
 from ..model.config import XGenMMConfig
+from ..model.cpu_linear import onednn_linear_available, use_onednn_linears
 from ..model.vision import VisionEncoder
 from ..special_tokens import IMAGE_TOKEN
 from .head_padding import pad_unsupported_attention_heads
@@ -166,4 +167,12 @@ class XGenMMForVLLM(nn.Module, SupportsMultiModal):
         if halves:
             missing = {param: sorted(set(("base", "extra")) - set(parts)) for param, parts in halves.items()}
             raise ValueError(f"incomplete decoupled embedding / head in the checkpoint: {missing}")
+        self._use_native_vision_linears()
         return loaded
+
+    def _use_native_vision_linears(self) -> None:
+        """The vision tower on the linears the native engine gives it (oneDNN on CPU, `model/cpu_linear.py`), so
+        a comparison of the two backends compares engines, not vision kernels."""
+        param = next(self.vision.parameters(), None)
+        if param is not None and onednn_linear_available(param.device, param.dtype):
+            use_onednn_linears(self.vision)

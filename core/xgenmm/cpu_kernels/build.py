@@ -1,0 +1,105 @@
+"""Build (once per machine and torch build) and load the C++ CPU kernels in `csrc/`.
+
+The sources are compiled with `torch.utils.cpp_extension` into a cache directory keyed by a hash of the sources,
+the compiler flags, the torch build and the Python version, so every later process just loads the library (no
+per-process compile). `python -m xgenmm.cpu_kernels build` builds it ahead of time (CI's setup does); otherwise the
+first process that needs it builds it, under cpp_extension's file lock, which takes ~20-40 s once.
+
+The kernels use AVX-512 with the BF16 extension (VDPBF16PS, VCVTNEPS2BF16): Sapphire Rapids / Cooper Lake Xeons,
+AMD Zen 4 and later. Elsewhere (or with no C++ compiler) nothing is built and callers keep their torch paths.
+Set XGENMM_CPU_KERNELS=0 to never use them, XGENMM_CACHE to move the cache (default ~/.cache/xgenmm).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("xgenmm.cpu_kernels")
+
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = ("linear_bf16.cpp", "linear_bf16_packed.cpp", "paged_attention.cpp")
+CFLAGS = ("-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma",
+          "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512")
+LDFLAGS = ("-fopenmp",)
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def cpu_supports_kernels() -> bool:
+    """AVX-512 with BF16 instructions, as torch reports it (never parsed from /proc)."""
+    return platform.machine() in ("x86_64", "AMD64") and bool(torch.cpu._is_avx512_bf16_supported())
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernels cannot be used here, or None if they can (building them if needed)."""
+    load()
+    return _state.get("reason")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("XGENMM_CACHE") or Path.home() / ".cache" / "xgenmm"
+    return Path(root) / "cpu_kernels"
+
+
+def build_key() -> str:
+    h = hashlib.sha256()
+    for name in SOURCES:
+        h.update(name.encode() + b"\0" + (CSRC / name).read_bytes())
+    h.update(repr((CFLAGS, LDFLAGS, torch.__version__, torch.version.git_version, sys.version_info[:2])).encode())
+    return h.hexdigest()[:16]
+
+
+def load() -> bool:
+    """Load the kernels (building them first if this machine has no build yet); True when `torch.ops.xgenmm_cpu` is
+    usable. Never raises: a failure is logged once and remembered (`unavailable_reason()`)."""
+    if "ok" in _state:
+        return _state["ok"]
+    with _lock:
+        if "ok" in _state:
+            return _state["ok"]
+        reason = _why_not()
+        if reason is None:
+            try:
+                _build_and_load()
+            except Exception as exc:  # noqa: BLE001 - a missing compiler must not break the engine
+                reason = f"building the CPU kernels failed: {type(exc).__name__}: {str(exc)[-2000:]}"
+                logger.warning("%s; using the torch CPU paths", reason)
+        _state.update(ok=reason is None, reason=reason)
+        return _state["ok"]
+
+
+def _why_not() -> str | None:
+    if os.environ.get("XGENMM_CPU_KERNELS", "1") == "0":
+        return "disabled by XGENMM_CPU_KERNELS=0"
+    if not cpu_supports_kernels():
+        return "this CPU has no AVX-512 BF16 instructions"
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return "no C++ compiler (c++) on PATH"
+    return None
+
+
+def _build_and_load() -> None:
+    from torch.utils import cpp_extension
+
+    key = build_key()
+    name = f"xgenmm_cpu_kernels_{key}"
+    build_dir = cache_dir() / key
+    build_dir.mkdir(parents=True, exist_ok=True)
+    library = build_dir / f"{name}.so"
+    if library.is_file():
+        torch.ops.load_library(str(library))
+        return
+    logger.warning("building the xgenmm CPU kernels into %s (once per machine; ~30 s)", build_dir)
+    cpp_extension.load(name=name, sources=[str(CSRC / s) for s in SOURCES], extra_cflags=list(CFLAGS),
+                       extra_ldflags=list(LDFLAGS), build_directory=str(build_dir), is_python_module=False,
+                       verbose=False)

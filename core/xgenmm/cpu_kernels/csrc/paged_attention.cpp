@@ -1,0 +1,361 @@
+// Causal attention over the paged KV cache, read in place (no gather into a contiguous buffer), for a flat varlen
+// batch: decode rows (one query), chunked-prefill chunks and whole prompts in one call. float32 or bfloat16 caches and
+// queries; scores, softmax and the weighted sum in float32 (as torch's CPU flash attention), output in q's dtype.
+//
+// Layout (attention/base.py): q / out [T, H, D] (last dim contiguous), k_cache / v_cache [num_blocks, block_size,
+// Hkv, D] contiguous, block_tables [B, max_blocks] int32, query_start_loc [B+1] int32, seq_lens [B] int32. Query j
+// of sequence b sits at position seq_len - q_len + j and sees keys 0..position (and only the last `sliding_window`
+// of them when it is > 0). Sequences with no query rows (padding) are skipped. D must be a multiple of 16.
+//
+// Keys are processed in fixed chunks of kKeyChunk positions (chunk c = positions [c * kKeyChunk, (c + 1) *
+// kKeyChunk)). For every (query, head) row each chunk gives a partial softmax state (max, sum of exponentials,
+// weighted sum of values), and the states are merged in chunk order. Every row is therefore the same sequence of
+// operations whatever else is in the batch and however the work is split: a decode row equals the same position
+// computed inside a prefill chunk, alone or batched (the engine's greedy output must not depend on batching or on
+// preemption by recompute). Decode rows run one work item per (sequence, chunk) over all heads, streaming each
+// token's rows for every head (contiguous in the cache) in order; prefill tiles run one item per (tile, head group)
+// and merge their chunks as they go.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int kQueryTile = 16;
+constexpr int64_t kKeyChunk = 128;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(at::BFloat16* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+inline float max_of(const float* s, int64_t n) {
+  __m512 vmax = _mm512_set1_ps(kNegInf);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(s + i));
+  float mx = _mm512_reduce_max_ps(vmax);
+  for (; i < n; i++) mx = std::max(mx, s[i]);
+  return mx;
+}
+
+// exp(x - max) in place over n floats, returns the sum.
+inline float exp_and_sum(float* s, int64_t n, float max) {
+  using Vec = at::vec::Vectorized<float>;
+  const Vec vmax(max);
+  Vec vsum(0.f);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec e = (Vec::loadu(s + i) - vmax).exp_u20();
+    e.store(s + i);
+    vsum = vsum + e;
+  }
+  float sum = _mm512_reduce_add_ps(__m512(vsum));
+  for (; i < n; i++) {
+    s[i] = std::exp(s[i] - max);
+    sum += s[i];
+  }
+  return sum;
+}
+
+struct Args {
+  int64_t heads, kv_heads, block_size, max_blocks, q_stride_t, q_stride_h, o_stride_t, o_stride_h, window;
+  float scale;
+  const int32_t* block_tables;
+  const int32_t* qsl;
+  const int32_t* seq_lens;
+};
+
+// A tile: up to kQueryTile consecutive query rows of one sequence.
+struct Tile {
+  int64_t seq, first_row, rows;
+};
+
+struct TileView {
+  int64_t q_start, n_q;
+  int64_t pos[kQueryTile], lo[kQueryTile];
+  const int32_t* table;
+  int64_t first_chunk, end_chunk;  // chunks [first, end) hold every key of the tile
+};
+
+inline TileView view_of(const Args& a, const Tile& t) {
+  TileView v;
+  const int64_t q_len = a.qsl[t.seq + 1] - a.qsl[t.seq];
+  const int64_t context = a.seq_lens[t.seq] - q_len;
+  v.q_start = a.qsl[t.seq] + t.first_row;
+  v.n_q = t.rows;
+  for (int64_t j = 0; j < v.n_q; j++) {
+    v.pos[j] = context + t.first_row + j;
+    v.lo[j] = a.window > 0 ? std::max<int64_t>(0, v.pos[j] - a.window + 1) : 0;
+  }
+  v.table = a.block_tables + t.seq * a.max_blocks;
+  v.first_chunk = v.lo[0] / kKeyChunk;
+  v.end_chunk = v.pos[v.n_q - 1] / kKeyChunk + 1;
+  return v;
+}
+
+struct Scratch {
+  std::vector<float> scores, qf;
+};
+
+// Scaled float32 queries of heads [h0, h0 + group) of a tile: qf[g][j][D].
+template <typename T, int D16>
+void load_queries(const Args& a, const TileView& tv, int64_t h0, int64_t group, const T* q, float* qf) {
+  constexpr int D = D16 * 16;
+  const __m512 vscale = _mm512_set1_ps(a.scale);
+  for (int64_t g = 0; g < group; g++)
+    for (int64_t j = 0; j < tv.n_q; j++) {
+      const T* qr = q + (tv.q_start + j) * a.q_stride_t + (h0 + g) * a.q_stride_h;
+      for (int d = 0; d < D16; d++)
+        _mm512_storeu_ps(qf + (g * tv.n_q + j) * D + 16 * d, _mm512_mul_ps(load16(qr + 16 * d), vscale));
+    }
+}
+
+// q . k over D values: bf16 with VDPBF16PS on the raw (unscaled) query, float32 with FMAs on the scaled query.
+template <int D16>
+inline float dot_row(const at::BFloat16* qraw, const float* /*qf*/, const at::BFloat16* k, float scale) {
+  __m512 acc = _mm512_setzero_ps();
+  const auto* qp = reinterpret_cast<const uint16_t*>(qraw);
+  const auto* kp = reinterpret_cast<const uint16_t*>(k);
+  int d = 0;
+  for (; d + 32 <= 16 * D16; d += 32)
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(qp + d), (__m512bh)_mm512_loadu_si512(kp + d));
+  if (d < 16 * D16)  // a last 16 values
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(0xffff, qp + d),
+                           (__m512bh)_mm512_maskz_loadu_epi16(0xffff, kp + d));
+  return _mm512_reduce_add_ps(acc) * scale;
+}
+template <int D16>
+inline float dot_row(const float* /*qraw*/, const float* qf, const float* k, float /*scale*/) {
+  __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(k), _mm512_loadu_ps(qf));
+  for (int d = 1; d < D16; d++) acc = _mm512_fmadd_ps(_mm512_loadu_ps(k + 16 * d), _mm512_loadu_ps(qf + 16 * d), acc);
+  return _mm512_reduce_add_ps(acc);
+}
+
+// The partial softmax state of rows (g, j) over the keys of chunk `c` they can see: ml[g][j] = (max, sum of exp),
+// acc[g][j][D] = sum of exp * value; a row that sees no key of the chunk gets (-inf, 0) and a zero acc.
+template <typename T, int D16>
+void chunk_partial(const Args& a, const TileView& tv, int64_t h0, int64_t group, int64_t c, const float* qf,
+                   const T* q, const T* k_cache, const T* v_cache, std::vector<float>& scores_buf, float* ml,
+                   float* acc) {
+  constexpr int D = D16 * 16;
+  const int64_t n_q = tv.n_q;
+  const int64_t c0 = std::max(c * kKeyChunk, tv.lo[0]);
+  const int64_t c1 = std::min((c + 1) * kKeyChunk, tv.pos[n_q - 1] + 1);
+  const int64_t n_keys = c1 - c0;
+  scores_buf.resize(static_cast<size_t>(group) * n_q * n_keys);
+  float* scores = scores_buf.data();
+  const int64_t row_stride = a.kv_heads * D;
+  const int64_t q_per_kv = a.heads / a.kv_heads;
+  const int64_t bs = a.block_size;
+
+  // Keys, token by token (each token's rows for the whole head group are contiguous).
+  for (int64_t t = c0, blk = c0 / bs, off = c0 % bs; t < c1; t++) {
+    const T* kr = k_cache + ((int64_t)tv.table[blk] * bs + off) * row_stride;
+    if (++off == bs) off = 0, blk++;
+    for (int64_t g = 0; g < group; g++) {
+      const T* kh = kr + ((h0 + g) / q_per_kv) * D;
+      for (int64_t j = 0; j < n_q; j++) {
+        float s = kNegInf;
+        if (t >= tv.lo[j] && t <= tv.pos[j]) {
+          const T* qraw = q + (tv.q_start + j) * a.q_stride_t + (h0 + g) * a.q_stride_h;
+          s = dot_row<D16>(qraw, qf + (g * n_q + j) * D, kh, a.scale);
+        }
+        scores[(g * n_q + j) * n_keys + (t - c0)] = s;
+      }
+    }
+  }
+  for (int64_t r = 0; r < group * n_q; r++) {
+    const int64_t j = r % n_q;
+    const int64_t first = std::max(c0, tv.lo[j]), last = std::min(c1 - 1, tv.pos[j]);
+    float* s = scores + r * n_keys + (first - c0);
+    const int64_t n = last - first + 1;
+    if (n <= 0) {
+      ml[2 * r] = kNegInf, ml[2 * r + 1] = 0.f;
+    } else {
+      const float m = max_of(s, n);
+      ml[2 * r] = m, ml[2 * r + 1] = exp_and_sum(s, n, m);
+    }
+    std::fill(acc + r * D, acc + (r + 1) * D, 0.f);
+  }
+  // Values, token by token.
+  for (int64_t t = c0, blk = c0 / bs, off = c0 % bs; t < c1; t++) {
+    const T* vr = v_cache + ((int64_t)tv.table[blk] * bs + off) * row_stride;
+    if (++off == bs) off = 0, blk++;
+    for (int64_t g = 0; g < group; g++) {
+      const T* vh = vr + ((h0 + g) / q_per_kv) * D;
+      __m512 vv[D16];
+      for (int d = 0; d < D16; d++) vv[d] = load16(vh + 16 * d);
+      for (int64_t j = 0; j < n_q; j++) {
+        if (t < tv.lo[j] || t > tv.pos[j]) continue;
+        const __m512 p = _mm512_set1_ps(scores[(g * n_q + j) * n_keys + (t - c0)]);
+        float* aj = acc + (g * n_q + j) * D;
+        for (int d = 0; d < D16; d++)
+          _mm512_storeu_ps(aj + 16 * d, _mm512_fmadd_ps(p, vv[d], _mm512_loadu_ps(aj + 16 * d)));
+      }
+    }
+  }
+}
+
+// Running state (M, L, A) <- merge with a chunk's (m, l, a); chunks are merged in increasing order.
+template <int D16>
+inline void merge(float& M, float& L, float* A, float m, float l, const float* a) {
+  if (l == 0.f) return;
+  if (L == 0.f) {
+    M = m, L = l;
+    std::copy(a, a + 16 * D16, A);
+    return;
+  }
+  const float mx = std::max(M, m);
+  const float sa = std::exp(M - mx), sb = std::exp(m - mx);
+  L = L * sa + l * sb;
+  const __m512 va = _mm512_set1_ps(sa), vb = _mm512_set1_ps(sb);
+  for (int d = 0; d < D16; d++)
+    _mm512_storeu_ps(A + 16 * d, _mm512_fmadd_ps(_mm512_loadu_ps(A + 16 * d), va, _mm512_mul_ps(_mm512_loadu_ps(a + 16 * d), vb)));
+  M = mx;
+}
+
+template <typename T, int D16>
+inline void write_row(T* orow, float L, const float* A) {
+  const __m512 inv = _mm512_set1_ps(1.f / L);
+  for (int d = 0; d < D16; d++) store16(orow + 16 * d, _mm512_mul_ps(_mm512_loadu_ps(A + 16 * d), inv));
+}
+
+template <typename T, int D16>
+void run(const Args& a, const std::vector<Tile>& decode, const std::vector<Tile>& prefill, const T* q, const T* k,
+         const T* v, T* out) {
+  constexpr int D = D16 * 16;
+  const int64_t H = a.heads;
+  // Decode rows: one item per (sequence, chunk) over all heads, partial states stored, then merged per row.
+  std::vector<TileView> views(decode.size());
+  std::vector<int64_t> chunk_base(decode.size() + 1, 0);
+  for (size_t i = 0; i < decode.size(); i++) {
+    views[i] = view_of(a, decode[i]);
+    chunk_base[i + 1] = chunk_base[i] + (views[i].end_chunk - views[i].first_chunk);
+  }
+  const int64_t n_items = chunk_base.back();
+  if (n_items > 0) {
+    std::vector<float> ml(n_items * H * 2), acc(n_items * H * D), qf(decode.size() * H * D);
+    at::parallel_for(0, static_cast<int64_t>(decode.size()), 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; i++) load_queries<T, D16>(a, views[i], 0, H, q, qf.data() + i * H * D);
+    });
+    at::parallel_for(0, n_items, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<float> scores;
+      for (int64_t item = i0; item < i1; item++) {
+        const int64_t i = std::upper_bound(chunk_base.begin(), chunk_base.end(), item) - chunk_base.begin() - 1;
+        const int64_t c = views[i].first_chunk + (item - chunk_base[i]);
+        chunk_partial<T, D16>(a, views[i], 0, H, c, qf.data() + i * H * D, q, k, v, scores, ml.data() + item * H * 2,
+                              acc.data() + item * H * D);
+      }
+    });
+    at::parallel_for(0, static_cast<int64_t>(decode.size()) * H, 1, [&](int64_t r0, int64_t r1) {
+      alignas(64) float A[D];
+      for (int64_t r = r0; r < r1; r++) {
+        const int64_t i = r / H, h = r % H;
+        float M = kNegInf, L = 0.f;
+        for (int64_t item = chunk_base[i]; item < chunk_base[i + 1]; item++)
+          merge<D16>(M, L, A, ml[(item * H + h) * 2], ml[(item * H + h) * 2 + 1], acc.data() + (item * H + h) * D);
+        write_row<T, D16>(out + views[i].q_start * a.o_stride_t + h * a.o_stride_h, L, A);
+      }
+    });
+  }
+  // Prefill tiles: one item per (tile, head group), chunks merged as they are computed.
+  if (!prefill.empty()) {
+    const int64_t group = std::max<int64_t>(1, std::min<int64_t>(H, (64 * 1024 / 4) / (kQueryTile * D)));
+    const int64_t groups = (H + group - 1) / group;
+    at::parallel_for(0, static_cast<int64_t>(prefill.size()) * groups, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<float> scores, qf(group * kQueryTile * D), ml(group * kQueryTile * 2), acc(group * kQueryTile * D),
+          state_ml(group * kQueryTile * 2), state(group * kQueryTile * D);
+      for (int64_t item = i0; item < i1; item++) {
+        const TileView tv = view_of(a, prefill[item / groups]);
+        const int64_t h0 = (item % groups) * group, g_n = std::min(group, H - h0);
+        load_queries<T, D16>(a, tv, h0, g_n, q, qf.data());
+        for (int64_t r = 0; r < g_n * tv.n_q; r++) state_ml[2 * r] = kNegInf, state_ml[2 * r + 1] = 0.f;
+        for (int64_t c = tv.first_chunk; c < tv.end_chunk; c++) {
+          chunk_partial<T, D16>(a, tv, h0, g_n, c, qf.data(), q, k, v, scores, ml.data(), acc.data());
+          for (int64_t r = 0; r < g_n * tv.n_q; r++)
+            merge<D16>(state_ml[2 * r], state_ml[2 * r + 1], state.data() + r * D, ml[2 * r], ml[2 * r + 1],
+                       acc.data() + r * D);
+        }
+        for (int64_t r = 0; r < g_n * tv.n_q; r++) {
+          const int64_t g = r / tv.n_q, j = r % tv.n_q;
+          write_row<T, D16>(out + (tv.q_start + j) * a.o_stride_t + (h0 + g) * a.o_stride_h, state_ml[2 * r + 1],
+                            state.data() + r * D);
+        }
+      }
+    });
+  }
+}
+
+template <typename T>
+void dispatch_head_dim(int64_t d16, const Args& a, const std::vector<Tile>& decode, const std::vector<Tile>& prefill,
+                       const T* q, const T* k, const T* v, T* out) {
+  switch (d16) {
+    case 1: return run<T, 1>(a, decode, prefill, q, k, v, out);
+    case 2: return run<T, 2>(a, decode, prefill, q, k, v, out);
+    case 4: return run<T, 4>(a, decode, prefill, q, k, v, out);
+    case 6: return run<T, 6>(a, decode, prefill, q, k, v, out);
+    case 8: return run<T, 8>(a, decode, prefill, q, k, v, out);
+    default: TORCH_CHECK(false, "xgenmm_cpu::paged_attention: head_dim ", d16 * 16, " is not supported");
+  }
+}
+
+void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     const at::Tensor& block_tables, const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
+                     double scale, int64_t sliding_window) {
+  TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes(), "q and out must be [T, H, D] of the same shape");
+  TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1, "q and out need a contiguous last dimension");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4 &&
+                  k_cache.sizes() == v_cache.sizes(), "k_cache / v_cache must be contiguous [blocks, block_size, Hkv, D]");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == out.scalar_type() &&
+                  q.scalar_type() == v_cache.scalar_type(), "q, out and the caches must share one dtype");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && query_start_loc.scalar_type() == at::kInt &&
+                  seq_lens.scalar_type() == at::kInt, "block_tables, query_start_loc and seq_lens must be int32");
+  const int64_t D = q.size(2);
+  TORCH_CHECK(D % 16 == 0 && k_cache.size(3) == D, "head_dim must be a multiple of 16 and match the cache");
+  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "query heads must be a multiple of the KV heads");
+  const at::Tensor bt = block_tables.contiguous(), qsl = query_start_loc.contiguous(), sl = seq_lens.contiguous();
+  const int64_t B = sl.size(0);
+  Args a{q.size(1), k_cache.size(2), k_cache.size(1), bt.size(1), q.stride(0), q.stride(1), out.stride(0),
+         out.stride(1), sliding_window, static_cast<float>(scale), bt.data_ptr<int32_t>(), qsl.data_ptr<int32_t>(),
+         sl.data_ptr<int32_t>()};
+  std::vector<Tile> decode, prefill;
+  for (int64_t b = 0; b < B; b++) {
+    const int64_t q_len = a.qsl[b + 1] - a.qsl[b];
+    TORCH_CHECK(q_len <= a.seq_lens[b], "sequence ", b, " has more query rows than context");
+    if (q_len == 1) decode.push_back({b, 0, 1});
+    for (int64_t r = 0; q_len > 1 && r < q_len; r += kQueryTile)
+      prefill.push_back({b, r, std::min<int64_t>(kQueryTile, q_len - r)});
+  }
+  if (q.scalar_type() == at::kFloat) {
+    dispatch_head_dim<float>(D / 16, a, decode, prefill, q.data_ptr<float>(), k_cache.data_ptr<float>(),
+                             v_cache.data_ptr<float>(), out.data_ptr<float>());
+  } else if (q.scalar_type() == at::kBFloat16) {
+    dispatch_head_dim<at::BFloat16>(D / 16, a, decode, prefill, q.data_ptr<at::BFloat16>(),
+                                    k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>(),
+                                    out.data_ptr<at::BFloat16>());
+  } else {
+    TORCH_CHECK(false, "xgenmm_cpu::paged_attention supports float32 and bfloat16, got ", q.scalar_type());
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(xgenmm_cpu, m) {
+  m.def(
+      "paged_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+      "Tensor query_start_loc, Tensor seq_lens, float scale, int sliding_window) -> ()",
+      &paged_attention);
+}
