@@ -1,12 +1,18 @@
 """Throughput of the paged engine vs what users run today: transformers `generate(inputs_embeds=...)`.
 
-Both sides run the same weights (a random checkpoint in the official format, `small` preset by default), the same
-vision encoder and the same requests: N questions about images of several aspect ratios behind a shared system
-prompt, greedy, a fixed number of new tokens. The baseline runs one request at a time (as the official demo does) and
-as left-padded batches; the engine gets every request at once (continuous batching). Greedy tokens are compared
-before timing is trusted. A second measurement shows the prefix + vision cache: the same image and prompt asked again.
+Both sides run the same weights (a random checkpoint in the official format), in the same dtype (`--dtype auto`:
+bf16 where the CPU computes it natively, else float32), the same vision encoder and the same requests: N questions
+about images of several aspect ratios behind a shared system prompt, greedy, a fixed number of new tokens. The
+baseline runs one request at a time (as the official demo does) and as left-padded batches, on ATen linears and
+transformers' SDPA attention as upstream; the engine gets every request at once (continuous batching) with its own
+kernels. Greedy tokens are compared before timing is trusted. Times to first token run from the caller's call
+(preparation included) on both sides. A second measurement shows the prefix + vision cache: the same image and
+prompt asked again (timed around the whole call, so image preparation is included).
 
-    .venv/bin/python benchmarks/throughput.py                 # small preset, 16 requests
+The default preset is `scaled` (the real widths at a quarter of the depth: vision : prefill : decode costs in the
+real model's proportions, see `xgenmm/testing/presets.py`); `small` has a full-width perceiver beside a 384-wide LM.
+
+    .venv/bin/python benchmarks/throughput.py                 # scaled preset, 16 requests x 128 tokens, bf16 if native
     .venv/bin/python benchmarks/throughput.py --quick         # a fast smoke run
 """
 
@@ -75,43 +81,50 @@ def pct(values: list[float], q: float) -> float:
 
 
 # ---- the engine -----------------------------------------------------------------------------------------------------
-def run_engine(model_dir: str, requests: list[dict], max_tokens: int, options: dict) -> dict:
+def _timed(fn) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def run_engine(model_dir: str, requests: list[dict], max_tokens: int, options: dict, dtype: str) -> dict:
     from xgenmm import LLM, SamplingParams
     from xgenmm.engine.engine_loop import create_engine_loop
 
-    loop = create_engine_loop(model_dir, "cpu", "float32", **options)
+    loop = create_engine_loop(model_dir, "cpu", dtype, **options)
     llm = LLM.from_engine_loop(loop)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     llm.generate({"prompt": "<image> warm up", "multi_modal_data": {"image": make_image(999, (64, 64))}}, params.replace(max_tokens=2))
     loop.engine.block_manager.reset_prefix_cache()
     loop.engine.vision_cache.clear()
     reset_peak_rss()
-    t0 = time.perf_counter()
-    outs = llm.generate(requests, params)
-    wall = time.perf_counter() - t0
+    t_call = time.monotonic()
+    wall, outs = _timed(lambda: llm.generate(requests, params))
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    ttft = [o.metrics.time_to_first_token for o in outs]
+    ttft = [o.metrics.first_token_time - t_call for o in outs]  # from the caller's call, preparation included
+    engine = loop.engine
+    preemptions = loop.engine.stats().num_preemptions
     result = dict(wall_s=wall, output_tokens=tokens, output_tok_s=tokens / wall, ttft_p50_s=pct(ttft, 50),
-                  ttft_p99_s=pct(ttft, 99), peak_rss_mib=peak_rss_mib(), linear_kernel=loop.engine.model.linear_kernel,
-                  token_ids=[o.outputs[0].token_ids for o in outs])
+                  ttft_p99_s=pct(ttft, 99), peak_rss_mib=peak_rss_mib(), dtype=str(engine.dtype).removeprefix("torch."),
+                  linear_kernel=engine.model.linear_kernel, attention_backend=engine.runner.backend.name,
+                  kv_cache_mib=engine.runner.kv_cache_bytes / 2**20, preemptions=preemptions, token_ids=[o.outputs[0].token_ids for o in outs])
 
     # The floor no batching can go below: the same requests with one output token each (vision + prefill only,
     # caches cleared). The engine cannot beat a baseline by more than the baseline's wall time / this floor.
     loop.engine.block_manager.reset_prefix_cache()
     loop.engine.vision_cache.clear()
-    t0 = time.perf_counter()
-    llm.generate(requests, params.replace(max_tokens=1))
-    result["vision_and_prefill_floor_s"] = time.perf_counter() - t0
+    result["vision_and_prefill_floor_s"] = _timed(lambda: llm.generate(requests, params.replace(max_tokens=1)))[0]
 
-    # Prefix + vision cache: one image question cold, then the same again, then the same image with a new question.
+    # Prefix + vision cache: one image question cold, then the same again, then the same image with a new question;
+    # each timed around the whole call (image loading and tiling included).
     loop.engine.block_manager.reset_prefix_cache()
     loop.engine.vision_cache.clear()
     img = make_image(12345, (640, 480))
     q = lambda text: {"prompt": f"{SYSTEM}<|user|>\n<image>\n{text}<|end|>\n<|assistant|>\n", "multi_modal_data": {"image": img}}
     one = params.replace(max_tokens=1)
-    cold = llm.generate(q("What is in this image?"), one)[0].metrics.time_to_first_token
-    warm = llm.generate(q("What is in this image?"), one)[0].metrics.time_to_first_token
-    warm_new_question = llm.generate(q("Which colours dominate?"), one)[0].metrics.time_to_first_token
+    cold = _timed(lambda: llm.generate(q("What is in this image?"), one))[0]
+    warm = _timed(lambda: llm.generate(q("What is in this image?"), one))[0]
+    warm_new_question = _timed(lambda: llm.generate(q("Which colours dominate?"), one))[0]
     result.update(prefix_cold_ttft_s=cold, prefix_warm_ttft_s=warm, prefix_warm_new_question_ttft_s=warm_new_question,
                   prefix_speedup=cold / warm, prefix_new_question_speedup=cold / warm_new_question)
     loop.shutdown()
@@ -145,15 +158,15 @@ def fused_embeddings(model, tokenizer, processor, request: dict) -> torch.Tensor
     return fuse_embeddings(model, torch.tensor(fused.token_ids), rows, vision)
 
 
-def run_baseline(model_dir: str, requests: list[dict], max_tokens: int, batch_sizes: list[int]) -> dict:
+def run_baseline(model_dir: str, requests: list[dict], max_tokens: int, batch_sizes: list[int], dtype: str) -> dict:
     from xgenmm.checkpoint import load_model
     from xgenmm.multimodal.image_processing import ImageProcessor
     from xgenmm.reference import build_hf_language_model
     from xgenmm.tokenizer import load_tokenizer
 
-    # ATen linears, as transformers' modules (and upstream's vision code) run them; the engine's oneDNN linears are
-    # one of its own optimisations (engine option linear_kernel, --engine-linear-kernel torch to compare without).
-    model = load_model(model_dir, "cpu", "float32", linear_kernel="torch")
+    # ATen linears, as transformers' modules (and upstream's vision code) run them; the engine's linears (oneDNN, our
+    # bf16 kernel) are its own optimisations (engine option linear_kernel, --engine-linear-kernel torch to compare).
+    model = load_model(model_dir, "cpu", dtype, linear_kernel="torch")
     tokenizer = load_tokenizer(model_dir)
     processor = ImageProcessor.from_pretrained(model_dir)
     hf = build_hf_language_model(model)
@@ -167,7 +180,7 @@ def run_baseline(model_dir: str, requests: list[dict], max_tokens: int, batch_si
     ttft, token_ids = [], []
     t0 = time.perf_counter()
     with torch.inference_mode():
-        for req in requests:
+        for req in requests:  # every request is submitted at t0; TTFT counts the wait for the ones before it
             timer = _FirstToken()
             emb = fused_embeddings(model, tokenizer, processor, req)
             out = hf.generate(inputs_embeds=emb[None], attention_mask=torch.ones(1, emb.shape[0], dtype=torch.long),
@@ -176,7 +189,7 @@ def run_baseline(model_dir: str, requests: list[dict], max_tokens: int, batch_si
             token_ids.append(out[0].tolist())
     wall = time.perf_counter() - t0
     tokens = sum(len(t) for t in token_ids)
-    result = dict(linear_kernel=model.linear_kernel,
+    result = dict(linear_kernel=model.linear_kernel, dtype=str(model.embed_weight.dtype).removeprefix("torch."),
                   sequential=dict(wall_s=wall, output_tokens=tokens, output_tok_s=tokens / wall, ttft_p50_s=pct(ttft, 50),
                                   ttft_p99_s=pct(ttft, 99), peak_rss_mib=peak_rss_mib()), token_ids=token_ids)
     padded = {}
@@ -188,7 +201,7 @@ def run_baseline(model_dir: str, requests: list[dict], max_tokens: int, batch_si
             for start in range(0, len(requests), bsz):
                 embs = [fused_embeddings(model, tokenizer, processor, r) for r in requests[start : start + bsz]]
                 longest = max(e.shape[0] for e in embs)
-                batch = torch.full((len(embs), longest, embs[0].shape[1]), 0.0)
+                batch = embs[0].new_zeros((len(embs), longest, embs[0].shape[1]))
                 mask = torch.zeros(len(embs), longest, dtype=torch.long)
                 for i, e in enumerate(embs):  # left padding, as the official batch demo
                     batch[i, longest - e.shape[0] :] = e
@@ -204,12 +217,16 @@ def run_baseline(model_dir: str, requests: list[dict], max_tokens: int, batch_si
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="checkpoint directory (default: a random checkpoint of --preset)")
-    ap.add_argument("--preset", default="small", choices=["tiny", "small"])
+    ap.add_argument("--preset", default="scaled", choices=["tiny", "small", "scaled"])
     ap.add_argument("--device", default="cpu", choices=["cpu"], help="this benchmark is the CPU one (GPU: gpu_check.sh)")
-    ap.add_argument("--dtype", default="float32", choices=["float32"])
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="both sides' dtype; auto = bfloat16 where the CPU computes it natively, else float32")
     ap.add_argument("--num-requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--batch-sizes", default="4,8,16")
+    ap.add_argument("--kv-cache-gib", type=float, default=2.0,
+                    help="the engine's KV pool; the default holds all 16 requests at once, as the padded baseline does "
+                         "(too small a pool measures preemption by recompute, not batching)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "throughput-cpu.json"))
     ap.add_argument("--engine-linear-kernel", default="auto", choices=["auto", "torch"],
                     help="the engine's linear layers: oneDNN on CPU (auto) or ATen like the baseline (torch)")
@@ -218,6 +235,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.preset, args.num_requests, args.max_tokens, args.batch_sizes = "tiny", 4, 8, "2,4"
     torch.manual_seed(0)
+    from xgenmm.checkpoint import parse_dtype
+
+    dtype = str(parse_dtype(args.dtype, None, torch.device("cpu"))).removeprefix("torch.")
     model_dir = args.model
     if model_dir is None:
         from xgenmm.testing import make_random_checkpoint
@@ -225,20 +245,34 @@ def main(argv: list[str] | None = None) -> dict:
         cache = Path(os.environ.get("XGENMM_BENCH_CACHE", Path(tempfile.gettempdir()) / "xgenmm-bench"))
         model_dir = cache / f"{args.preset}-seed0"
         if not (model_dir / "config.json").exists():
-            make_random_checkpoint(model_dir, preset=args.preset, seed=0)
+            make_random_checkpoint(model_dir, preset=args.preset, seed=0,
+                                   dtype="bfloat16" if args.preset == "scaled" else "float32")
         model_dir = str(model_dir)
     requests = make_requests(args.num_requests)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
 
-    engine = run_engine(model_dir, requests, args.max_tokens, {"linear_kernel": args.engine_linear_kernel})
-    baseline = run_baseline(model_dir, requests, args.max_tokens, batch_sizes)
-    agree = sum(a == b for a, b in zip(engine.pop("token_ids"), baseline.pop("token_ids")))
+    load_before = os.getloadavg()
+    engine = run_engine(model_dir, requests, args.max_tokens, {"linear_kernel": args.engine_linear_kernel,
+                                                                  "kv_cache_memory_bytes": int(args.kv_cache_gib * 2**30)}, dtype)
+    baseline = run_baseline(model_dir, requests, args.max_tokens, batch_sizes, dtype)
+    ours_ids, theirs_ids = engine.pop("token_ids"), baseline.pop("token_ids")
+    agree = sum(a == b for a, b in zip(ours_ids, theirs_ids))
+    first_agree = sum(a[:1] == b[:1] for a, b in zip(ours_ids, theirs_ids))
+    common = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+              for a, b in zip(ours_ids, theirs_ids)]
     seq = baseline["sequential"]
     best_bsz, best = max(baseline["padded"].items(), key=lambda kv: kv[1]["output_tok_s"])
     report = dict(
         benchmark="throughput", device=f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-        torch=torch.__version__, preset=args.preset, model=model_dir if args.model else f"random {args.preset}",
+        torch=torch.__version__, torch_threads=torch.get_num_threads(), loadavg_before=load_before,
+        loadavg_after=os.getloadavg(), dtype=dtype, preset=args.preset,
+        model=model_dir if args.model else f"random {args.preset}",
         num_requests=args.num_requests, max_tokens=args.max_tokens, greedy_token_agreement=f"{agree}/{args.num_requests}",
+        # in float32 both sides give the same tokens; in bf16 their roundings differ (different kernels) and random
+        # weights have small logit margins, so sequences part after a while: the bf16 fidelity of each side against
+        # float32 is benchmarks/bf16_fidelity.py
+        first_token_agreement=f"{first_agree}/{args.num_requests}",
+        mean_common_prefix_tokens=round(statistics.mean(common), 1),
         engine=engine, baseline=baseline,
         ratios=dict(
             engine_vs_sequential_output_tok_s=engine["output_tok_s"] / seq["output_tok_s"],
@@ -252,8 +286,10 @@ def main(argv: list[str] | None = None) -> dict:
         ),
     )
     r = report["ratios"]
-    print(f"\n{args.num_requests} image requests x {args.max_tokens} tokens, preset {args.preset}, {report['device']}")
-    print(f"greedy tokens identical to transformers: {report['greedy_token_agreement']}")
+    print(f"\n{args.num_requests} image requests x {args.max_tokens} tokens, preset {args.preset}, {dtype}, {report['device']}")
+    print(f"greedy tokens identical to transformers: {report['greedy_token_agreement']} (first token: "
+          f"{report['first_token_agreement']}, mean common prefix {report['mean_common_prefix_tokens']} tokens"
+          + ("; bf16 roundings differ between the two sides, see bf16_fidelity.py)" if dtype == "bfloat16" else ")"))
     print(f"{'':28}{'out tok/s':>10}{'TTFT p50':>10}{'TTFT p99':>10}{'peak MiB':>10}")
     print(f"{'xgenmm engine':28}{engine['output_tok_s']:10.1f}{engine['ttft_p50_s']:10.2f}{engine['ttft_p99_s']:10.2f}{engine['peak_rss_mib']:10.0f}")
     print(f"{'transformers sequential':28}{seq['output_tok_s']:10.1f}{seq['ttft_p50_s']:10.2f}{seq['ttft_p99_s']:10.2f}{seq['peak_rss_mib']:10.0f}")
