@@ -3,7 +3,8 @@
 Why: the reference backend copies every sequence's KV blocks into a contiguous buffer before SDPA, about a fifth
 of a decode step on CPU (memory-bound: the copy reads and writes the context once more than attention needs). This
 backend runs one C++ call per layer for the whole flat batch (decodes, chunked-prefill chunks and prompts together),
-each query reading its keys and values straight from their blocks (`cpu_kernels/csrc/paged_attention.cpp`). float32
+each query reading its keys and values straight from their blocks (`cpu_kernels/csrc/paged_attention.cpp`, which
+also stores the step's new keys and values in one call). float32
 and bfloat16; built ahead of time or once per machine (`xgenmm.cpu_kernels`), so no process pays a compile. Batches
 it cannot take (another dtype, a head size that is not a multiple of 16, non-CPU tensors) go to the reference.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import AttentionMetadata, KVCache, store_kv
+from .base import AttentionMetadata, KVCache
 from .torch_ref import TorchReferenceBackend
 
 
@@ -25,6 +26,7 @@ class CpuPagedAttentionBackend:
         if not cpu_kernels.available():
             raise RuntimeError(f"the CPU paged-attention kernel is unavailable: {cpu_kernels.unavailable_reason()}")
         self._op = torch.ops.xgenmm_cpu.paged_attention
+        self._store = torch.ops.xgenmm_cpu.store_kv
         self._fallback = TorchReferenceBackend()
 
     @staticmethod
@@ -36,7 +38,7 @@ class CpuPagedAttentionBackend:
         k_cache, v_cache = kv_cache
         if not self.supports(q, k_cache):
             return self._fallback.forward(q, k, v, kv_cache, meta, scale)
-        store_kv(k, v, kv_cache, meta.slot_mapping)
+        self._store(k, v, k_cache, v_cache, meta.slot_mapping)  # k, v: the step's new tokens, in place
         q = q if q.stride(-1) == 1 else q.contiguous()
         out = torch.empty(q.shape, dtype=q.dtype)
         self._op(out, q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,

@@ -26,7 +26,7 @@ import torch
 logger = logging.getLogger("xgenmm.cpu_kernels")
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("linear_bf16.cpp", "linear_bf16_packed.cpp", "paged_attention.cpp")
+SOURCES = ("linear_bf16.cpp", "linear_bf16_packed.cpp", "paged_attention.cpp", "fused_ops.cpp")
 CFLAGS = ("-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma",
           "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512")
 LDFLAGS = ("-fopenmp",)

@@ -5,8 +5,9 @@ input is the concatenated new tokens of every scheduled sequence: `[T, hidden]` 
 and an `AttentionMetadata` telling the attention backend where each sequence's context lives in the cache.
 Parameter names mirror the official checkpoint (`layers.{i}.self_attn.qkv_proj`, ...), under `vlm.lang_model.model.`.
 
-On CUDA the decoder runs a fused variant (`fused_ops.py`: residual add folded into the next RMSNorm, in-place RoPE,
-SiLU*mul) with the same roundings; CPU tensors always take the plain torch path (`Phi3Decoder.fused_ops`).
+The decoder runs a fused variant (residual add folded into the next RMSNorm, in-place RoPE, SiLU*mul) with the
+same roundings where a provider of those ops exists: `fused_ops.py` (Triton) on CUDA, `cpu_fused_ops.py` (our C++
+kernels) for bf16 on CPU; float32 CPU tensors take the plain torch path (`Phi3Decoder.fused_ops_for`).
 """
 
 from __future__ import annotations
@@ -74,14 +75,15 @@ class Phi3Attention(nn.Module):
         self.rotary = rotary  # shared, not a parameter owner
 
     def forward(self, hidden, positions, kv_cache: KVCache, meta: AttentionMetadata, backend: AttentionBackend,
-                fused: bool = False):
+                ops=None):
+        """`ops`: a fused-ops module (`fused_ops` / `cpu_fused_ops`) or None for the plain torch ops."""
         t = hidden.shape[0]
         q, k, v = self.qkv_proj(hidden).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        if fused:  # in place on the qkv projection's output (q, k are strided views of it)
-            q, k = _fused().rotary_embedding_(positions, q, k, self.rotary.cos_sin, self.rotary.rotary_dim)
+        if ops is not None:  # in place on the qkv projection's output (q, k are strided views of it)
+            q, k = ops.rotary_embedding_(positions, q, k, self.rotary.cos_sin, self.rotary.rotary_dim)
         else:
             q, k = self.rotary(positions, q, k)
         out = backend.forward(q, k, v, kv_cache, meta, self.scale)
@@ -96,9 +98,9 @@ class Phi3MLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
-        if fused:
-            return self.down_proj(_fused().silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, ops=None) -> torch.Tensor:
+        if ops is not None:
+            return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(up * F.silu(gate))
 
@@ -115,19 +117,18 @@ class Phi3DecoderLayer(nn.Module):
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), positions, kv_cache, meta, backend)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
-    def forward_fused(self, hidden, residual, positions, kv_cache, meta, backend):
-        """Fused-kernel variant: returns (this layer's MLP output, residual stream before adding it); the caller
-        folds the pending add into the next norm. `residual=None` for the first layer."""
-        ops = _fused()
+    def forward_fused(self, hidden, residual, positions, kv_cache, meta, backend, ops):
+        """Fused-kernel variant on `ops` (a fused-ops module): returns (this layer's MLP output, residual stream before
+        adding it); the caller folds the pending add into the next norm. `residual=None` for the first layer."""
         if residual is None:
             residual = hidden
             hidden = ops.rms_norm(hidden, self.input_layernorm.weight, self.input_layernorm.eps)
         else:
             hidden, residual = ops.add_rms_norm(hidden, residual, self.input_layernorm.weight, self.input_layernorm.eps)
-        hidden = self.self_attn(hidden, positions, kv_cache, meta, backend, fused=True)
+        hidden = self.self_attn(hidden, positions, kv_cache, meta, backend, ops=ops)
         norm = self.post_attention_layernorm
         hidden, residual = ops.add_rms_norm(hidden, residual, norm.weight, norm.eps)
-        return self.mlp(hidden, fused=True), residual
+        return self.mlp(hidden, ops=ops), residual
 
 
 class Phi3Decoder(nn.Module):
@@ -141,16 +142,24 @@ class Phi3Decoder(nn.Module):
         self.rotary = rotary
         self.layers = nn.ModuleList(Phi3DecoderLayer(cfg, rotary) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        # "auto": fused Triton kernels for CUDA tensors, plain torch ops otherwise; "on" (tests, under
-        # TRITON_INTERPRET=1 on CPU) / "off" force one path.
+        # "auto": fused Triton kernels for CUDA tensors, our C++ kernels for bf16 CPU tensors, plain torch ops
+        # otherwise; "on" (Triton; tests run it under TRITON_INTERPRET=1 on CPU) / "off" force one path.
         self.fused_ops = "auto"
 
-    def uses_fused_ops(self, x: torch.Tensor) -> bool:
+    def fused_ops_for(self, x: torch.Tensor):
+        """The fused-ops module for `x`, or None for the plain torch ops."""
         if self.fused_ops == "off":
-            return False
+            return None
         if self.fused_ops == "on":
-            return True
-        return x.is_cuda and _fused_available()
+            return _fused()
+        if x.is_cuda:
+            return _fused() if _fused_available() else None
+        from . import cpu_fused_ops
+
+        return cpu_fused_ops if cpu_fused_ops.supported(x) else None
+
+    def uses_fused_ops(self, x: torch.Tensor) -> bool:
+        return self.fused_ops_for(x) is not None
 
     def forward(
         self,
@@ -161,13 +170,14 @@ class Phi3Decoder(nn.Module):
         backend: AttentionBackend,
         output_hidden_states: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-        if not output_hidden_states and self.uses_fused_ops(inputs_embeds):
+        ops = None if output_hidden_states else self.fused_ops_for(inputs_embeds)
+        if ops is not None:
             hidden, residual = inputs_embeds, None
             for layer, cache in zip(self.layers, kv_caches):
-                hidden, residual = layer.forward_fused(hidden, residual, positions, cache, meta, backend)
+                hidden, residual = layer.forward_fused(hidden, residual, positions, cache, meta, backend, ops)
             if residual is None:  # no layers
-                return _fused().rms_norm(hidden, self.norm.weight, self.norm.eps)
-            return _fused().add_rms_norm(hidden, residual, self.norm.weight, self.norm.eps)[0]
+                return ops.rms_norm(hidden, self.norm.weight, self.norm.eps)
+            return ops.add_rms_norm(hidden, residual, self.norm.weight, self.norm.eps)[0]
         hidden = inputs_embeds
         states = [hidden] if output_hidden_states else None
         for layer, cache in zip(self.layers, kv_caches):

@@ -19,6 +19,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
+#include <cstring>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -351,9 +352,43 @@ void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_c
   }
 }
 
+// New keys / values of the step into their cache slots (slot < 0: a padding token, skipped). One call instead of
+// the reference's mask, gather and two index_copy_ per layer; a plain copy, so no value changes.
+void store_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache, const at::Tensor& v_cache,
+              const at::Tensor& slot_mapping) {
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k.stride(2) == 1 && v.stride(2) == 1,
+              "store_kv: k and v must be [T, Hkv, D] with a contiguous last dimension");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4 &&
+                  k_cache.sizes() == v_cache.sizes() && k_cache.size(2) == k.size(1) && k_cache.size(3) == k.size(2),
+              "store_kv: the caches must be contiguous [blocks, block_size, Hkv, D] matching k");
+  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == k_cache.scalar_type() &&
+                  v_cache.scalar_type() == k_cache.scalar_type(), "store_kv: k, v and the caches must share one dtype");
+  const at::Tensor slots = slot_mapping.to(at::kLong).contiguous();
+  TORCH_CHECK(slots.dim() == 1 && slots.size(0) == k.size(0), "store_kv: one slot per token");
+  const int64_t T = k.size(0), H = k.size(1), D = k.size(2), n_slots = k_cache.size(0) * k_cache.size(1);
+  const int64_t elem = k.element_size(), row = H * D;
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; t++)
+    TORCH_CHECK(sp[t] < n_slots, "store_kv: slot ", sp[t], " is outside the cache (", n_slots, " slots)");
+  const char* kp = static_cast<const char*>(k.data_ptr());
+  const char* vp = static_cast<const char*>(v.data_ptr());
+  char* kc = static_cast<char*>(k_cache.data_ptr());
+  char* vc = static_cast<char*>(v_cache.data_ptr());
+  at::parallel_for(0, T, std::max<int64_t>(1, 4096 / row), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; t++) {
+      if (sp[t] < 0) continue;
+      for (int64_t h = 0; h < H; h++) {
+        std::memcpy(kc + (sp[t] * row + h * D) * elem, kp + (t * k.stride(0) + h * k.stride(1)) * elem, D * elem);
+        std::memcpy(vc + (sp[t] * row + h * D) * elem, vp + (t * v.stride(0) + h * v.stride(1)) * elem, D * elem);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(xgenmm_cpu, m) {
+  m.def("store_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()", &store_kv);
   m.def(
       "paged_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
       "Tensor query_start_loc, Tensor seq_lens, float scale, int sliding_window) -> ()",
