@@ -10,7 +10,9 @@ the same run.
   vision (SigLIP + perceiver) and prefill; the vision + prefill FLOPs over their time as a fraction of the GEMM rate
   (target >= 50%);
 * single-stream decode: tokens/s after that image, and the bytes a decode step must read (language-model weights, LM
-  head, the KV cache so far) over the step time as a fraction of the bandwidth (target >= 70%);
+  head, the KV cache so far) over the step time as a fraction of the bandwidth; then `--windows` more decode windows
+  of the same request, each between two bandwidth probes and held against the better of them (the bandwidth this
+  shared machine leaves us moves 2x within a minute); target: the median window >= 70%;
 * 8 concurrent text requests decoding together: output tokens/s beside the step's limit (weights once per step +
   every sequence's KV at the bandwidth, or its FLOPs at the GEMM rate, whichever is larger).
 
@@ -36,8 +38,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def measure_bandwidth(gib: float = 2.0, repeats: int = 7) -> float:
-    """Best read bandwidth (bytes/s): `sum` over a float32 tensor much larger than the caches."""
-    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    """Best read bandwidth (bytes/s): `sum` over a float32 tensor much larger than the caches, on 2 MiB pages where
+    our kernels can map them (the engine's weights and KV cache are; 4 KiB pages read ~10% slower here)."""
+    from xgenmm.cpu_kernels import empty_hugepages
+
+    x = empty_hugepages((int(gib * 2**30) // 4,), torch.float32).fill_(1.0)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -99,6 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     ap.add_argument("--kv-cache-gib", type=float, default=1.0)
     ap.add_argument("--decode-tokens", type=int, default=24)
+    ap.add_argument("--windows", type=int, default=4, help="single-stream decode windows between bandwidth probes")
     ap.add_argument("--concurrent", type=int, default=8)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "full_cpu.json"))
     args = ap.parse_args(argv)
@@ -191,16 +197,35 @@ def main(argv: list[str] | None = None) -> dict:
         "prefill_fraction_of_gemm_rate": round(prefill_flops / prefill_s / gemm, 3),
         "vision_and_prefill_fraction_of_gemm_rate": round((vision_flops + prefill_flops) / (vision_s + prefill_s) / gemm, 3),
     }
+    # The same request again (its image and prompt now come from the caches), `--windows` times, each decode window
+    # between two bandwidth probes: on this shared machine the bandwidth left to us moves by 2x within a minute, so
+    # each window is held against the better of the two probes taken right around it.
+    windows = []
+    for _ in range(args.windows):
+        probe_before = measure_bandwidth(1.0, repeats=5)
+        again = llm.generate(prompt, params)[0]
+        window_s = (again.metrics.finished_time - again.metrics.first_token_time) / (len(again.outputs[0].token_ids) - 1)
+        probe_after = measure_bandwidth(1.0, repeats=5)
+        adjacent = max(probe_before, probe_after)
+        bandwidth_probes += [probe_before, probe_after]
+        windows.append({"tok_s": round(1 / window_s, 3), "adjacent_bandwidth_gb_s": round(adjacent / 1e9, 2),
+                        "fraction_of_adjacent_bandwidth": round(step_bytes / window_s / adjacent, 3)})
+    bandwidth = max(bandwidth_probes)
     report["single_stream_decode"] = {
         "tokens": len(stamps), "s_per_token": round(decode_s, 4), "tok_s": round(1 / decode_s, 3),
         "bytes_per_step_gb": round(step_bytes / 1e9, 3), "limit_tok_s": round(bandwidth / step_bytes, 3),
         "fraction_of_bandwidth": round(step_bytes / decode_s / bandwidth, 3),
+        "windows": windows,
+        "median_fraction_of_adjacent_bandwidth": round(statistics.median(
+            w["fraction_of_adjacent_bandwidth"] for w in windows), 3) if windows else None,
     }
     print(f"5-crop image: TTFT {ttft:.2f} s (prep {prep_s:.2f}, vision {vision_s:.2f}, prefill {prefill_s:.2f}); "
           f"vision+prefill at {report['image_first_token']['vision_and_prefill_fraction_of_gemm_rate']:.0%} of the "
           f"GEMM rate", flush=True)
     print(f"single stream: {1 / decode_s:.2f} tok/s = {report['single_stream_decode']['fraction_of_bandwidth']:.0%} "
-          f"of the bandwidth limit ({bandwidth / step_bytes:.2f} tok/s)", flush=True)
+          f"of the bandwidth limit ({bandwidth / step_bytes:.2f} tok/s); windows between probes: "
+          + ", ".join(f"{w['tok_s']:.2f} tok/s = {w['fraction_of_adjacent_bandwidth']:.0%} of "
+                      f"{w['adjacent_bandwidth_gb_s']:.1f} GB/s" for w in windows), flush=True)
 
     # ---- concurrent text requests decoding together ----------------------------------------------------------------
     # One batch: every prompt is prefilled in the first step, then all decode together; each request's time from its
@@ -238,7 +263,8 @@ def main(argv: list[str] | None = None) -> dict:
     report["loadavg_end"] = os.getloadavg()
     report["targets"] = {
         "peak_rss_le_1_2x_weights_plus_kv": report["load"]["peak_over_weights_plus_kv"] <= 1.2,
-        "single_stream_ge_70pct_bandwidth": report["single_stream_decode"]["fraction_of_bandwidth"] >= 0.7,
+        "single_stream_ge_70pct_bandwidth": (report["single_stream_decode"]["median_fraction_of_adjacent_bandwidth"]
+                                             or report["single_stream_decode"]["fraction_of_bandwidth"]) >= 0.7,
         "image_prefill_ge_50pct_gemm": report["image_first_token"]["vision_and_prefill_fraction_of_gemm_rate"] >= 0.5,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

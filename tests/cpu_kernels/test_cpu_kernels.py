@@ -186,3 +186,53 @@ def test_built_library_is_cached_on_disk():
 
     libraries = list((build.cache_dir() / build.build_key()).glob("*.so"))
     assert len(libraries) == 1  # the next process loads this file instead of compiling
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_kv_matches_the_reference_scatter(dtype):
+    """The paged backend's one-call KV store writes what the reference `store_kv` writes: strided k / v views of a
+    qkv projection, padding slots (-1) skipped, every other slot untouched; a slot past the cache is an error."""
+    from xgenmm.attention.base import store_kv
+
+    g = torch.Generator().manual_seed(5)
+    blocks, block_size, hkv, d, t = 6, 4, 2, 32, 7
+    qkv = torch.randn(t, 4 * d + 2 * hkv * d, generator=g).to(dtype)
+    _, k, v = qkv.split((4 * d, hkv * d, hkv * d), dim=-1)
+    k, v = k.view(t, hkv, d), v.view(t, hkv, d)
+    slots = torch.tensor([3, 9, -1, 0, 23, -1, 12])
+    want_k, want_v = (torch.randn(blocks, block_size, hkv, d, generator=g).to(dtype) for _ in range(2))
+    got_k, got_v = want_k.clone(), want_v.clone()
+    store_kv(k, v, (want_k, want_v), slots)
+    torch.ops.xgenmm_cpu.store_kv(k, v, got_k, got_v, slots)
+    assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        torch.ops.xgenmm_cpu.store_kv(k, v, got_k, got_v, torch.tensor([0, 1, 2, 3, 4, 5, 24]))
+
+
+def test_hugepage_tensors_are_ordinary_tensors_on_2mib_aligned_memory():
+    """Packed weights, the LM head and the CPU KV cache live in `empty_hugepages` memory: 2 MiB-aligned (so the kernel
+    can back it with huge pages), usable like any tensor, and unmapped when dropped."""
+    import gc
+
+    from xgenmm.cpu_kernels import empty_hugepages, to_hugepages
+
+    big = empty_hugepages((3, 1000, 1000), torch.bfloat16)
+    assert big.shape == (3, 1000, 1000) and big.dtype == torch.bfloat16 and big.is_contiguous()
+    assert big.data_ptr() % (2 << 20) == 0
+    src = torch.randn(1000, 1500)
+    copy = to_hugepages(src)
+    assert torch.equal(copy, src) and copy.data_ptr() != src.data_ptr() and copy.data_ptr() % (2 << 20) == 0
+    small = empty_hugepages((4, 4), torch.float32)  # under 2 MiB: ordinary memory
+    assert small.shape == (4, 4)
+    packed = torch.ops.xgenmm_cpu.pack_bf16_weight(torch.randn(2048, 1024).bfloat16())
+    assert packed.data_ptr() % (2 << 20) == 0
+
+    def mapped_kib() -> int:
+        return sum(int(line.split()[1]) for line in open("/proc/self/smaps") if line.startswith("Rss:"))
+
+    before = mapped_kib()
+    block = empty_hugepages((64 << 20,), torch.uint8).fill_(1)  # 64 MiB, touched
+    assert mapped_kib() - before >= 60 << 10
+    del block
+    gc.collect()
+    assert mapped_kib() - before < 8 << 10

@@ -83,7 +83,12 @@ def allocate_kv_caches(
 ) -> list[KVCache]:
     """One (k, v) pair per layer, carved out of a single allocation."""
     shape = (2, num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-    storage = torch.zeros(shape, dtype=dtype, device=device)
+    if torch.device(device).type == "cpu":  # decode streams the cache: 2 MiB pages where our kernels are built
+        from ..cpu_kernels import empty_hugepages
+
+        storage = empty_hugepages(shape, dtype).zero_()
+    else:
+        storage = torch.zeros(shape, dtype=dtype, device=device)
     return [(storage[0, i], storage[1, i]) for i in range(num_layers)]
 
 

@@ -38,7 +38,10 @@ class XGenMMForConditionalGeneration(nn.Module):
         count = use_onednn_linears(self)
         weight = self.lm_head_weight
         if bf16_kernel_available(weight.device, weight.dtype):
-            use_packed_bf16_linears(self.language_model)
+            from ..cpu_kernels import to_hugepages
+
+            use_packed_bf16_linears(self.language_model)  # packed into 2 MiB pages
+            self.lm_head_weight.data = to_hugepages(self.lm_head_weight.data)  # decode streams it every step
             self.linear_kernel = "onednn+xgenmm_bf16"
         else:
             self.linear_kernel = "onednn"
