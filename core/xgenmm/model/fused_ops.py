@@ -1,4 +1,4 @@
-"""Fused small ops of the Phi-3 decoder as Triton kernels, used on CUDA only (CPU keeps the plain torch ops).
+"""Fused small ops of the Phi-3 decoder as Triton kernels, used on CUDA (bf16 on CPU has its C++ twin, `cpu_fused_ops.py`).
 
 Why: under CUDA graphs a decode step's cost is the weight reads plus one short kernel per op. The eager decoder
 runs about 40 kernels per layer (a bf16 RMSNorm is 8 elementwise kernels, rotate-half RoPE ~14); these
