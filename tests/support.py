@@ -38,3 +38,36 @@ def check_rag_example_output(out: str, caption_line: str) -> None:
     assert usage and int(usage.group(2)) >= 1
     assert int(usage.group(1)) > 2 * 128  # the two retrieved images are in the answer's prompt
     assert re.search(r"^answer: \S", out, re.M)
+
+
+def decoder_runs(model, modes, dtype, lengths=(11, 5), block_size=16):
+    """Prefill two sequences (`lengths` tokens, one KV block each) through `model`'s decoder once per fused-ops mode
+    (`Phi3Decoder.fused_ops`: "off", "on", "auto"): {mode: (hidden states, KV caches)}. For comparing the fused
+    small ops with the plain torch path."""
+    import torch
+
+    from xgenmm.attention import AttentionMetadata, TorchReferenceBackend, allocate_kv_caches
+
+    cfg = model.config.text
+    decoder = model.language_model
+    ids = torch.randint(0, 32000, (sum(lengths),), generator=torch.Generator().manual_seed(0))
+    meta = AttentionMetadata(
+        query_start_loc=torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32),
+        seq_lens=torch.tensor(lengths, dtype=torch.int32), context_lens=torch.zeros(2, dtype=torch.int32),
+        block_tables=torch.tensor([[0], [1]], dtype=torch.int32),
+        slot_mapping=torch.tensor(list(range(lengths[0])) + list(range(block_size, block_size + lengths[1]))),
+        max_query_len=max(lengths), max_seq_len=max(lengths), block_size=block_size,
+    )  # fmt: skip
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    results = {}
+    for mode in modes:
+        caches = allocate_kv_caches(cfg.num_hidden_layers, 2, block_size, cfg.num_key_value_heads, cfg.head_dim,
+                                    dtype, "cpu")  # fmt: skip
+        decoder.fused_ops = mode
+        try:
+            with torch.inference_mode():
+                hidden = model.forward_hidden(model.embed_tokens(ids), positions, meta, caches, TorchReferenceBackend())
+        finally:
+            decoder.fused_ops = "auto"
+        results[mode] = (hidden, caches)
+    return results

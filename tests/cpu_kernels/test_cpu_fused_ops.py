@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.support import decoder_runs
 from xgenmm import cpu_kernels
 from xgenmm.model import cpu_fused_ops
 from xgenmm.model.phi3 import RMSNorm, RotaryEmbedding
@@ -121,36 +122,13 @@ def test_rows_do_not_depend_on_the_batch():
 def test_bf16_decoder_uses_them_and_matches_the_plain_path(tiny_checkpoint):
     """auto picks the C++ ops for bf16 CPU tensors; hidden states and the KV cache stay within the plain torch
     path's roundings (only the norms' reduction order differs)."""
-    from xgenmm.attention import AttentionMetadata, TorchReferenceBackend, allocate_kv_caches
     from xgenmm.checkpoint import load_model
 
     model = load_model(tiny_checkpoint, "cpu", "bfloat16")
     decoder = model.language_model
     assert decoder.fused_ops_for(torch.zeros(1, dtype=torch.bfloat16)) is cpu_fused_ops
     assert decoder.fused_ops_for(torch.zeros(1)) is None  # float32 keeps the plain ops
-    cfg = model.config.text
-    lengths = [11, 5]
-    ids = torch.randint(0, 32000, (sum(lengths),), generator=torch.Generator().manual_seed(0))
-    bs = 16
-    meta = AttentionMetadata(
-        query_start_loc=torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32),
-        seq_lens=torch.tensor(lengths, dtype=torch.int32), context_lens=torch.zeros(2, dtype=torch.int32),
-        block_tables=torch.tensor([[0], [1]], dtype=torch.int32),
-        slot_mapping=torch.tensor(list(range(lengths[0])) + list(range(bs, bs + lengths[1]))),
-        max_query_len=max(lengths), max_seq_len=max(lengths), block_size=bs,
-    )  # fmt: skip
-    positions = torch.cat([torch.arange(n) for n in lengths])
-    results = {}
-    for mode in ("off", "auto"):
-        caches = allocate_kv_caches(cfg.num_hidden_layers, 2, bs, cfg.num_key_value_heads, cfg.head_dim,
-                                    torch.bfloat16, "cpu")  # fmt: skip
-        decoder.fused_ops = mode
-        try:
-            with torch.inference_mode():
-                hidden = model.forward_hidden(model.embed_tokens(ids), positions, meta, caches, TorchReferenceBackend())
-        finally:
-            decoder.fused_ops = "auto"
-        results[mode] = (hidden, caches)
+    results = decoder_runs(model, ("off", "auto"), torch.bfloat16)
     (h_on, c_on), (h_off, c_off) = results["auto"], results["off"]
     assert _bf16_ulps(h_on, h_off) <= 2
     for (k_on, v_on), (k_off, v_off) in zip(c_on, c_off):

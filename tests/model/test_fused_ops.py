@@ -112,36 +112,12 @@ def test_rotary_in_place_on_qkv_views_matches_rotate_half(dtype, heads, kv_heads
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_decoder_path_matches_plain_path(tiny_checkpoint, dtype):
     """The decoder with fused kernels forced on (interpreted) gives the plain path's hidden states and KV cache."""
-    from xgenmm.attention import AttentionMetadata, TorchReferenceBackend, allocate_kv_caches
+    from tests.support import decoder_runs
     from xgenmm.checkpoint import load_model
 
     model = load_model(tiny_checkpoint, "cpu", dtype)
-    cfg = model.config.text
-    gen = torch.Generator().manual_seed(0)
-    lengths = [11, 5]
-    ids = torch.randint(0, 32000, (sum(lengths),), generator=gen)
-    bs = 16
-    tables = torch.tensor([[0], [1]], dtype=torch.int32)
-    slots = list(range(0, lengths[0])) + list(range(bs, bs + lengths[1]))
-    meta = AttentionMetadata(
-        query_start_loc=torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32),
-        seq_lens=torch.tensor(lengths, dtype=torch.int32), context_lens=torch.zeros(2, dtype=torch.int32),
-        block_tables=tables, slot_mapping=torch.tensor(slots), max_query_len=max(lengths), max_seq_len=max(lengths),
-        block_size=bs,
-    )  # fmt: skip
-    positions = torch.cat([torch.arange(n) for n in lengths])
-    results = {}
     decoder = model.language_model
-    for mode in ("off", "on"):
-        caches = allocate_kv_caches(cfg.num_hidden_layers, 2, bs, cfg.num_key_value_heads, cfg.head_dim,
-                                    dtype, "cpu")  # fmt: skip
-        decoder.fused_ops = mode
-        try:
-            with torch.inference_mode():
-                hidden = model.forward_hidden(model.embed_tokens(ids), positions, meta, caches, TorchReferenceBackend())
-        finally:
-            decoder.fused_ops = "auto"
-        results[mode] = (hidden, caches)
+    results = decoder_runs(model, ("off", "on"), dtype)
     on, off = results["on"], results["off"]
     if dtype == torch.float32:
         torch.testing.assert_close(on[0], off[0], atol=2e-5, rtol=1e-5)
