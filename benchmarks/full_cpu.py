@@ -12,7 +12,7 @@ the same run.
 * single-stream decode: tokens/s after that image, and the bytes a decode step must read (language-model weights, LM
   head, the KV cache so far) over the step time as a fraction of the bandwidth; then `--windows` more decode windows
   of the same request, each between two bandwidth probes and held against the better of them (the bandwidth this
-  shared machine leaves us moves 2x within a minute); target: the median window >= 70%;
+  shared machine leaves us moves 2x within a minute); both fractions are reported (target: >= 70%);
 * 8 concurrent text requests decoding together: output tokens/s beside the step's limit (weights once per step +
   every sequence's KV at the bandwidth, or its FLOPs at the GEMM rate, whichever is larger).
 
@@ -263,9 +263,9 @@ def main(argv: list[str] | None = None) -> dict:
     report["loadavg_end"] = os.getloadavg()
     report["targets"] = {
         "peak_rss_le_1_2x_weights_plus_kv": report["load"]["peak_over_weights_plus_kv"] <= 1.2,
-        "single_stream_ge_70pct_bandwidth": (report["single_stream_decode"]["median_fraction_of_adjacent_bandwidth"]
-                                             or report["single_stream_decode"]["fraction_of_bandwidth"]) >= 0.7,
         "single_stream_ge_70pct_of_best_probe": report["single_stream_decode"]["fraction_of_bandwidth"] >= 0.7,
+        "single_stream_windows_median_ge_70pct_of_adjacent_probes": (
+            report["single_stream_decode"]["median_fraction_of_adjacent_bandwidth"] or 0) >= 0.7,
         "image_prefill_ge_50pct_gemm": report["image_first_token"]["vision_and_prefill_fraction_of_gemm_rate"] >= 0.5,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
