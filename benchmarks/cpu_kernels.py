@@ -48,12 +48,6 @@ def _race(fns: dict, repeats: int) -> dict:
     return {k: (min(v), sorted(v)[len(v) // 2]) for k, v in samples.items()}
 
 
-def read_bandwidth() -> float:
-    x = torch.ones(2**28, dtype=torch.float32)  # 1 GiB
-    best = min(_race({"sum": lambda: x.sum()}, 7)["sum"][0] for _ in range(2))
-    return x.numel() * 4 / best
-
-
 def linears(bandwidth: float) -> list[dict]:
     ops = torch.ops.xgenmm_cpu
     rows = []
@@ -129,7 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
     if not cpu_kernels.available():
         raise SystemExit(f"the CPU kernels are not available here: {cpu_kernels.unavailable_reason()}")
     load_before = os.getloadavg()
-    bandwidth = read_bandwidth()
+    from full_cpu import measure_bandwidth  # the same probe as the full-size benchmark (2 MiB pages, as the weights)
+
+    bandwidth = measure_bandwidth(1.0)
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
     report = {"benchmark": "cpu_kernels", "device": f"cpu ({platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} cores)", "torch": torch.__version__, "threads": torch.get_num_threads(),
