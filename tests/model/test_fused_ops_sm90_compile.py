@@ -20,8 +20,13 @@ SCRIPT = textwrap.dedent(
     target = GPUTarget("cuda", 90, 32)
 
     def comp(fn, sig, consts):
+        # the launch options of the wrappers in fused_ops.py (no floating-point contraction)
         src = ASTSource(fn=fn, signature=sig, constexprs=consts)
-        return triton.compile(src, target=target, options={"num_warps": 8})
+        k = triton.compile(src, target=target, options={"num_warps": 8, "enable_fp_fusion": False})
+        # rounding points kept: no FMA (fp32, or bf16 after the compiler narrows a round trip) merges a product
+        # into the following sum; an H200 run without this option showed `fma.rn.bf16` in RoPE, 1 bf16 step off
+        assert "fma.rn" not in k.asm["ptx"], fn
+        return k
 
     for dt in ("bf16", "fp32"):
         p = "*" + dt
@@ -43,8 +48,6 @@ SCRIPT = textwrap.dedent(
                  "EMULATE_BF16": "constexpr"},
                  {"HALF": 48, "HALF_PAD": 64, "QH_PAD": 32, "KH_PAD": 32, "EMULATE_BF16": False})
         assert k.asm["cubin"]
-        if dt == "bf16":  # rounding points kept: no fp32 FMA contracts a product into the following sum
-            assert "fma.rn.f32" not in k.asm["ptx"]
     print("compiled")
     """
 )
