@@ -7,6 +7,9 @@ error instead of aborting the run, so one failure still leaves the other numbers
 Sections (in order):
   env          versions, device, SMs, measured read bandwidth (the decode limit used below) and copy bandwidth,
                the device's datasheet bandwidth when known (reference only), varlen_attn signature
+  fixture_parity  the upstream golden fixtures through the public API on this device (float32 with the Triton
+               backend and CUDA graphs, float32 with the torch backend: tokens exact, logprobs within 1e-3; bf16
+               reported as agreement)
   kernels      Triton vs the torch reference on a mixed paged batch (bf16, head_dim 96 and 64, block 16 and
                256); decode attention timings (batch x context, Triton auto/unsplit/split vs torch); CUDA-graph
                capture + replay of a padded Triton decode step
@@ -456,10 +459,17 @@ def fused_op_checks(device: torch.device, dtype: torch.dtype, small: bool) -> di
     gen = torch.Generator().manual_seed(0)
     rows = []
 
+    def ordered(t):  # bf16 bit patterns mapped onto a line where adjacent values differ by 1 (also across zero)
+        i = t.view(torch.int16).int()
+        return torch.where(i < 0, -(i & 0x7FFF), i)
+
     def ulps(a, b):
         if a.dtype != torch.bfloat16:
             return float((a.float() - b.float()).abs().max())
-        return int((a.view(torch.int16).int() - b.view(torch.int16).int()).abs().max())
+        return int((ordered(a) - ordered(b)).abs().max())
+
+    def abs_err(a, b):
+        return float((a.float() - b.float()).abs().max())
 
     norm = RMSNorm(hidden, 1e-5).to(device=device, dtype=dtype)
     rotary = RotaryEmbedding(head_dim, head_dim, 4096, 10000.0).to(device)
@@ -496,13 +506,98 @@ def fused_op_checks(device: torch.device, dtype: torch.dtype, small: bool) -> di
         for name, (fused_fn, torch_fn) in cases.items():
             row = {"op": name, "tokens": tokens}
             try:
-                row["max_diff_bf16_ulps_or_abs"] = ulps(fused_fn(), torch_fn())
+                fused_out, torch_out = fused_fn(), torch_fn()
+                row["max_diff_bf16_ulps_or_abs"] = ulps(fused_out, torch_out)
+                row["max_abs_diff"] = abs_err(fused_out, torch_out)
+                row["max_abs_torch"] = float(torch_out.float().abs().max())
                 row["fused_us"] = round(1e6 * timed(fused_fn, device, repeats=3 if small else 50), 1)
                 row["torch_us"] = round(1e6 * timed(torch_fn, device, repeats=3 if small else 50), 1)
             except Exception as exc:  # noqa: BLE001
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             rows.append(row)
     return {"rows": rows}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# fixture parity
+# --------------------------------------------------------------------------------------------------------------
+
+
+def fixture_parity(device: torch.device) -> dict:
+    """The upstream golden fixtures (tests/fixtures/xgenmm-tiny) through the public API on this device: every case
+    batched, greedy 8 tokens with logprobs, as tests/engine/test_engine.py checks on CPU. float32 with each
+    attention backend (CUDA graphs on for the Triton one) must give the reference tokens exactly; bf16 is reported
+    as top-1 agreement (its logit error is the dtype's, not ours)."""
+    import shutil
+    import tempfile
+
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from xgenmm import LLM, SamplingParams
+    from xgenmm.engine.engine_loop import create_engine_loop
+    from xgenmm.testing import save_random_tokenizer
+
+    fixtures = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "xgenmm-tiny"
+    ckpt = Path(tempfile.mkdtemp(prefix="xgenmm-fixture-"))
+    for f in (fixtures / "checkpoint").iterdir():
+        shutil.copy(f, ckpt / f.name)
+    save_random_tokenizer(ckpt)
+    items = []
+    for case in json.loads((fixtures / "cases.json").read_text())["cases"]:
+        expected = load_file(fixtures / case["expected"])
+        for b, s in enumerate(case["samples"]):
+            images = [Image.open(fixtures / p) for p in s["images"]]
+            items.append((case["name"], b, s, expected,
+                          {"prompt_token_ids": s["input_ids"], "multi_modal_data": {"image": images}}))  # fmt: skip
+    params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=1)
+    runs = []
+    configs = [("triton", "float32", True), ("torch", "float32", True), ("triton", "bfloat16", True)]
+    if device.type == "cuda":  # cuDNN convolutions (SigLIP's patch embedding) take TF32 by default: without it
+        configs.insert(1, ("triton", "float32", False))
+    for backend, dtype, cudnn_tf32 in configs:
+        row: dict = {"backend": backend, "dtype": dtype}
+        if device.type == "cuda":
+            row["cudnn_allow_tf32"] = cudnn_tf32
+            torch.backends.cudnn.allow_tf32 = cudnn_tf32
+        try:
+            loop = create_engine_loop(str(ckpt), device=device, dtype=dtype, attention_backend=backend,
+                                      kv_cache_memory_bytes=256 * 2**20)  # fmt: skip
+            try:
+                llm = LLM.from_engine_loop(loop)
+                outs = llm.generate([p for *_, p in items], params)
+                exact, agree, total, worst = 0, 0, 0, 0.0
+                for (_, b, sample, expected, _), out in zip(items, outs):
+                    got = list(out.outputs[0].token_ids)
+                    want = sample["generated_ids"]
+                    exact += got == want
+                    # teacher-forced agreement is not available through the API: count the prefix that matches
+                    prefix = next((i for i, (g, w) in enumerate(zip(got, want)) if g != w), len(want))
+                    agree += prefix
+                    total += len(want)
+                    for step in range(prefix):
+                        ref = float(expected["step_topk_logits"][b, step, 0] - expected["step_logsumexp"][b, step])
+                        worst = max(worst, abs(out.outputs[0].logprobs[step][want[step]].logprob - ref))
+                row.update(samples=len(items), exact_samples=exact, matching_prefix_tokens=f"{agree}/{total}",
+                           max_abs_logprob_err=worst, cuda_graphs=_graph_stats(llm.engine.runner))  # fmt: skip
+                if dtype == "float32":
+                    row["met"] = exact == len(items) and worst < 1e-3
+            finally:
+                loop.shutdown()
+                del loop
+                import gc
+
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        except Exception as exc:  # noqa: BLE001
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:800]}"
+            row["traceback"] = traceback.format_exc()[-2000:]
+        runs.append(row)
+    if device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = True  # torch's default
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return {"runs": runs}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -595,6 +690,13 @@ def engine_benchmarks(args, ckpt: Path, device: torch.device, dtype: torch.dtype
         single["limit_tok_s_at_spec_bw"] = round(spec * 1e12 / per_token["total"], 1)
         single["fraction_of_spec_limit"] = round(best["decode_tok_s"] / single["limit_tok_s_at_spec_bw"], 3)
     res["single_stream"] = single
+    if "breakdown" not in args.skip:
+        try:
+            res["decode_step_breakdown"] = _decode_step_breakdown(llm, engine, runner, device, text_prompt,
+                                                                  SamplingParams(max_tokens=128, **greedy))  # fmt: skip
+        except Exception as exc:  # noqa: BLE001
+            res["decode_step_breakdown"] = {"error": f"{type(exc).__name__}: {exc}",
+                                            "traceback": traceback.format_exc()[-2000:]}  # fmt: skip
 
     # TTFT of one fresh 5-crop image (no vision-cache or prefix-cache hit).
     ttfts = []
@@ -637,6 +739,62 @@ def engine_benchmarks(args, ckpt: Path, device: torch.device, dtype: torch.dtype
         res["single_stream_eager"] = {"generated": len(out.outputs[0].token_ids), "decode_tok_s": round(eager_tok_s, 1),
                                       "cuda_graph_speedup": round(single["decode_tok_s"] / eager_tok_s, 2)}
     loop.shutdown()
+    return res
+
+
+def _decode_step_breakdown(llm, engine, runner, device, prompt, params) -> dict:
+    """Where a single-stream decode step's wall time goes: host time in each engine phase (wrapped timers on the
+    engine thread; `sample` includes the wait for the device, since reading the tokens synchronizes), and the device
+    time of one batch-1 graph replay alone (CUDA events, back to back). step - replay = what the host adds."""
+    import collections
+
+    totals: dict = collections.defaultdict(float)
+    counts: dict = collections.Counter()
+
+    def wrap(obj, name, label):
+        fn = getattr(obj, name)
+
+        def timed_fn(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                totals[label] += time.perf_counter() - t0
+                counts[label] += 1
+
+        if hasattr(type(obj), name):  # a method: shadow it on the instance, then drop the shadow
+            setattr(obj, name, timed_fn)
+            return lambda: delattr(obj, name)
+
+        class Timed:  # a callable attribute (the sampler): keep its other methods reachable
+            __call__ = staticmethod(timed_fn)
+
+            def __getattr__(self, attr):
+                return getattr(fn, attr)
+
+        setattr(obj, name, Timed())
+        return lambda: setattr(obj, name, fn)
+
+    restore = [wrap(engine, "step", "step"), wrap(engine.scheduler, "schedule", "schedule"),
+               wrap(runner, "build_batch", "build_batch"), wrap(runner, "execute", "execute_launch"),
+               wrap(engine, "sampler", "sample_incl_device_wait"), wrap(engine, "_emit", "emit_outputs")]  # fmt: skip
+    try:
+        out = llm.generate(prompt, params)[0]
+    finally:
+        for undo in reversed(restore):
+            undo()
+    steps = counts["step"]
+    res = {"steps": steps, "generated": len(out.outputs[0].token_ids),
+           "per_step_ms": {k: round(1e3 * v / max(counts[k], 1), 4) for k, v in totals.items()},
+           "calls": dict(counts)}  # fmt: skip
+    graphs = runner.decode_graphs
+    if device.type == "cuda" and graphs is not None and 1 in graphs.graphs:
+        # the buffers still hold the last batch-1 step: replaying it rewrites the same key/value into a freed slot
+        graph = graphs.graphs[1]
+        res["graph_replay_bucket1_ms"] = round(1e3 * timed(graph.replay, device, repeats=50, warmup=5), 4)
+        step_ms = res["per_step_ms"].get("step")
+        if step_ms:
+            res["host_added_ms"] = round(step_ms - res["graph_replay_bucket1_ms"], 4)
     return res
 
 
@@ -780,7 +938,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--hf-attn", default="sdpa", help="transformers attn_implementation for the baseline")
     p.add_argument("--skip", default="",
-                   help="comma list of sections to skip: kernels,fused_ops,engine,eager_compare,hf_baseline,flex")
+                   help="comma list of sections to skip: fixture_parity,kernels,breakdown,fused_ops,engine,eager_compare,hf_baseline,flex")
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
                    help="no section starts after this many seconds (sections are ordered by importance)")
@@ -805,6 +963,8 @@ def main(argv=None) -> Path:
                      "started": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
     _DEADLINE[:] = [time.monotonic() + args.budget_s]
     env = section(results, "env", env_info, device)
+    if "fixture_parity" not in args.skip:
+        section(results, "fixture_parity", fixture_parity, device)
     if "kernels" not in args.skip:
         section(results, "kernels", kernel_checks, device, dtype, small=device.type != "cuda")
     if "fused_ops" not in args.skip and (device.type == "cuda" or _interpreting()):
