@@ -1,6 +1,6 @@
 """One-shot GPU check: kernels, single-stream decode, TTFT, concurrency, and the transformers baseline.
 
-Run on the H100 through `benchmarks/gpu_check.sh` (which sets PYTHONPATH and installs carried wheels). Everything
+Run on a GPU (an H200 so far) through `benchmarks/gpu_check.sh` (which sets PYTHONPATH and installs carried wheels). Everything
 lands in one JSON file under benchmarks/results/ whose name carries the device. Each section records its own
 error instead of aborting the run, so one failure still leaves the other numbers.
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 8 GPU check, one run on the H100 (device machine, repository root):
+# Issue 8 GPU check, one run on a GPU (device machine, repository root):
 #   bash benchmarks/gpu_check.sh [gpu_check.py options, e.g. --skip flex --concurrency 1,8,32,64]
 # Needs: python3 with torch (2.11 + Triton 3.6 there), transformers, safetensors, tokenizers, pillow, numpy, tqdm;
 # llguidance is not on that image: carry its wheel as .whl/ (see below) and name ".whl" in the run's carry list.
@@ -7,7 +7,7 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_31_x86_64 -d .whl llguidance==1.9.1
 # Writes benchmarks/results/gpu_check_<device>_<preset>_<time>.json (rewritten after every section) and copies it
-# to $OUT when that is set. Budget: ~6-9 min on an H100 with everything on (flex compiles last; --skip flex saves
+# to $OUT when that is set. Budget: 3.5 min on an H200 with everything but flex (measured) (flex compiles last; --skip flex saves
 # a few minutes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
