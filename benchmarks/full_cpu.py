@@ -10,9 +10,10 @@ the same run.
   vision (SigLIP + perceiver) and prefill; the vision + prefill FLOPs over their time as a fraction of the GEMM rate
   (target >= 50%);
 * single-stream decode: tokens/s after that image, and the bytes a decode step must read (language-model weights, LM
-  head, the KV cache so far) over the step time as a fraction of the bandwidth; then `--windows` more decode windows
-  of the same request, each between two bandwidth probes and held against the better of them (the bandwidth this
-  shared machine leaves us moves 2x within a minute); both fractions are reported (target: >= 70%);
+  head, the KV cache so far) over the step time as a fraction of the best probe; then `--windows` short decode
+  windows of the same request, each between two bandwidth probes. The bandwidth this shared machine leaves us flips
+  between two states (~35 and ~65 GB/s) every few seconds, so the target (>= 70%) is judged at the same moment:
+  windows whose two probes agree, against them; and windows in the fast state against the run's best probe;
 * 8 concurrent text requests decoding together: output tokens/s beside the step's limit (weights once per step +
   every sequence's KV at the bandwidth, or its FLOPs at the GEMM rate, whichever is larger).
 
@@ -49,6 +50,24 @@ def measure_bandwidth(gib: float = 2.0, repeats: int = 7) -> float:
         x.sum()
         best = min(best, time.perf_counter() - t0)
     return x.numel() * 4 / best
+
+
+def decode_window(window_s: float, probe_before: float, probe_after: float, step_bytes: float) -> dict:
+    """One decode window between two bandwidth probes (bytes/s). Stable: the probes agree within 10% (the machine did
+    not change state in between), and the window is held against their mean; otherwise against the larger."""
+    stable = abs(probe_before - probe_after) <= 0.1 * max(probe_before, probe_after)
+    adjacent = (probe_before + probe_after) / 2 if stable else max(probe_before, probe_after)
+    return {"tok_s": round(1 / window_s, 3), "probes_gb_s": [round(probe_before / 1e9, 2), round(probe_after / 1e9, 2)],
+            "stable": stable, "fraction_of_adjacent_bandwidth": round(step_bytes / window_s / adjacent, 3)}
+
+
+def fast_state_summary(windows: list[dict], best_probe: float, step_bytes: float) -> dict:
+    """The stable windows taken in the machine's fast state (both probes within 10% of the run's best probe): their
+    median decode rate, and that rate's read bandwidth as a fraction of the best probe (None without such windows)."""
+    fast = [w for w in windows if w["stable"] and min(w["probes_gb_s"]) * 1e9 >= 0.9 * best_probe]
+    tok_s = round(statistics.median(w["tok_s"] for w in fast), 3) if fast else None
+    return {"fast_windows": len(fast), "fast_windows_median_tok_s": tok_s,
+            "fast_windows_fraction_of_best_probe": round(tok_s * step_bytes / best_probe, 3) if tok_s else None}
 
 
 def measure_gemm_rate(dtype: torch.dtype, m: int = 2048, k: int = 3072, n: int = 8192, repeats: int = 5) -> float:
@@ -104,7 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     ap.add_argument("--kv-cache-gib", type=float, default=1.0)
     ap.add_argument("--decode-tokens", type=int, default=24)
-    ap.add_argument("--windows", type=int, default=4, help="single-stream decode windows between bandwidth probes")
+    ap.add_argument("--windows", type=int, default=16, help="single-stream decode windows between bandwidth probes")
+    ap.add_argument("--window-tokens", type=int, default=5, help="tokens per window (a window should not outlast "
+                    "one state of the machine's bandwidth: a few seconds here)")
     ap.add_argument("--concurrent", type=int, default=8)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "full_cpu.json"))
     args = ap.parse_args(argv)
@@ -197,35 +218,40 @@ def main(argv: list[str] | None = None) -> dict:
         "prefill_fraction_of_gemm_rate": round(prefill_flops / prefill_s / gemm, 3),
         "vision_and_prefill_fraction_of_gemm_rate": round((vision_flops + prefill_flops) / (vision_s + prefill_s) / gemm, 3),
     }
-    # The same request again (its image and prompt now come from the caches), `--windows` times, each decode window
-    # between two bandwidth probes: on this shared machine the bandwidth left to us moves by 2x within a minute, so
-    # each window is held against the better of the two probes taken right around it.
+    # The same request again (its image and prompt now come from the caches), `--windows` times, a few tokens each,
+    # every window between two bandwidth probes. This shared machine's bandwidth flips between two states (~35 and
+    # ~65 GB/s here) every few seconds, so a long decode mixes them while a probe sees one: a window is held against
+    # the probes right around it, and only windows whose two probes agree (within 10%: the state did not change
+    # in between) are counted. Windows in the fast state (both probes within 10% of the run's best) are also held
+    # against the best probe itself.
     windows = []
+    short = SamplingParams(temperature=0.0, max_tokens=args.window_tokens, ignore_eos=True)
     for _ in range(args.windows):
-        probe_before = measure_bandwidth(1.0, repeats=5)
-        again = llm.generate(prompt, params)[0]
+        probe_before = measure_bandwidth(1.0, repeats=3)
+        again = llm.generate(prompt, short)[0]
         window_s = (again.metrics.finished_time - again.metrics.first_token_time) / (len(again.outputs[0].token_ids) - 1)
-        probe_after = measure_bandwidth(1.0, repeats=5)
-        adjacent = max(probe_before, probe_after)
+        probe_after = measure_bandwidth(1.0, repeats=3)
         bandwidth_probes += [probe_before, probe_after]
-        windows.append({"tok_s": round(1 / window_s, 3), "adjacent_bandwidth_gb_s": round(adjacent / 1e9, 2),
-                        "fraction_of_adjacent_bandwidth": round(step_bytes / window_s / adjacent, 3)})
+        windows.append(decode_window(window_s, probe_before, probe_after, step_bytes))
     bandwidth = max(bandwidth_probes)
+    stable_windows = [w for w in windows if w["stable"]]
     report["single_stream_decode"] = {
         "tokens": len(stamps), "s_per_token": round(decode_s, 4), "tok_s": round(1 / decode_s, 3),
         "bytes_per_step_gb": round(step_bytes / 1e9, 3), "limit_tok_s": round(bandwidth / step_bytes, 3),
         "fraction_of_bandwidth": round(step_bytes / decode_s / bandwidth, 3),
         "windows": windows,
+        "stable_windows": len(stable_windows),
         "median_fraction_of_adjacent_bandwidth": round(statistics.median(
-            w["fraction_of_adjacent_bandwidth"] for w in windows), 3) if windows else None,
-    }
+            w["fraction_of_adjacent_bandwidth"] for w in stable_windows), 3) if stable_windows else None,
+    }  # fmt: skip
     print(f"5-crop image: TTFT {ttft:.2f} s (prep {prep_s:.2f}, vision {vision_s:.2f}, prefill {prefill_s:.2f}); "
           f"vision+prefill at {report['image_first_token']['vision_and_prefill_fraction_of_gemm_rate']:.0%} of the "
           f"GEMM rate", flush=True)
     print(f"single stream: {1 / decode_s:.2f} tok/s = {report['single_stream_decode']['fraction_of_bandwidth']:.0%} "
           f"of the bandwidth limit ({bandwidth / step_bytes:.2f} tok/s); windows between probes: "
           + ", ".join(f"{w['tok_s']:.2f} tok/s = {w['fraction_of_adjacent_bandwidth']:.0%} of "
-                      f"{w['adjacent_bandwidth_gb_s']:.1f} GB/s" for w in windows), flush=True)
+                      f"{'/'.join(f'{b:.0f}' for b in w['probes_gb_s'])} GB/s{'' if w['stable'] else ' (unstable)'}"
+                      for w in windows), flush=True)  # fmt: skip
 
     # ---- concurrent text requests decoding together ----------------------------------------------------------------
     # One batch: every prompt is prefilled in the first step, then all decode together; each request's time from its
@@ -260,12 +286,20 @@ def main(argv: list[str] | None = None) -> dict:
                 sec["limit_tok_s"] = round(sec["limit_tok_s"] / scale, 3)
         bandwidth = max(bandwidth_probes)
     report["limits"]["read_bandwidth_gb_s"] = round(bandwidth / 1e9, 2)
+    single = report["single_stream_decode"]
+    single.update(fast_state_summary(single["windows"], bandwidth, step_bytes))
+    fast_tok_s = single["fast_windows_median_tok_s"]
     report["loadavg_end"] = os.getloadavg()
     report["targets"] = {
         "peak_rss_le_1_2x_weights_plus_kv": report["load"]["peak_over_weights_plus_kv"] <= 1.2,
-        "single_stream_ge_70pct_of_best_probe": report["single_stream_decode"]["fraction_of_bandwidth"] >= 0.7,
-        "single_stream_windows_median_ge_70pct_of_adjacent_probes": (
-            report["single_stream_decode"]["median_fraction_of_adjacent_bandwidth"] or 0) >= 0.7,
+        # the bandwidth at the same moment: stable windows against the probes around them
+        "single_stream_ge_70pct_of_bandwidth_at_the_same_moment": (single["median_fraction_of_adjacent_bandwidth"]
+                                                                   or 0) >= 0.7,
+        # in the machine's fast state, against the best probe of the whole run (None: no fast window occurred)
+        "single_stream_fast_windows_ge_70pct_of_best_probe": None if fast_tok_s is None
+        else single["fast_windows_fraction_of_best_probe"] >= 0.7,
+        # one long decode against the best probe, whatever state each was taken in (mixes the two states)
+        "single_stream_long_decode_ge_70pct_of_best_probe": single["fraction_of_bandwidth"] >= 0.7,
         "image_prefill_ge_50pct_gemm": report["image_first_token"]["vision_and_prefill_fraction_of_gemm_rate"] >= 0.5,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -46,3 +46,28 @@ def test_sections_past_the_budget_are_skipped(tmp_path):
     gc._DEADLINE[:] = [time.monotonic() - 1]
     assert gc.section(results, "engine", lambda: {"ok": 3}) is None
     assert (tmp_path / "r.json").is_file()
+
+
+def test_decode_step_breakdown_times_each_engine_phase_and_restores_the_engine(tiny_checkpoint):
+    from xgenmm import LLM, SamplingParams
+    from xgenmm.engine.engine_loop import create_engine_loop
+
+    gc = _load()
+    loop = create_engine_loop(str(tiny_checkpoint), "cpu", "float32")
+    try:
+        llm = LLM.from_engine_loop(loop)
+        engine = llm.engine
+        sampler = engine.sampler
+        params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+        res = gc._decode_step_breakdown(llm, engine, engine.runner, torch.device("cpu"), "a lighthouse", params)
+        assert res["generated"] == 6 and res["steps"] == 6  # one prefill step + five decode steps
+        phases = res["per_step_ms"]
+        assert set(phases) == {"step", "schedule", "build_batch", "execute_launch", "sample_incl_device_wait",
+                               "emit_outputs"}
+        assert phases["step"] >= phases["execute_launch"] > 0
+        assert "graph_replay_bucket1_ms" not in res  # CPU: no CUDA graph to replay
+        # every wrapper is gone: the engine serves as before
+        assert engine.sampler is sampler and "step" not in vars(engine) and "execute" not in vars(engine.runner)
+        assert len(llm.generate("again", params)[0].outputs[0].token_ids) == 6
+    finally:
+        loop.shutdown()
