@@ -527,7 +527,8 @@ def fixture_parity(device: torch.device) -> dict:
     """The upstream golden fixtures (tests/fixtures/xgenmm-tiny) through the public API on this device: every case
     batched, greedy 8 tokens with logprobs, as tests/engine/test_engine.py checks on CPU. float32 with each
     attention backend (CUDA graphs on for the Triton one) must give the reference tokens exactly; bf16 is reported
-    as top-1 agreement (its logit error is the dtype's, not ours)."""
+    as the tokens generated before the first divergence (its logit error is the dtype's, not ours)."""
+    import gc
     import shutil
     import tempfile
 
@@ -553,8 +554,9 @@ def fixture_parity(device: torch.device) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=1)
     runs = []
     configs = [("triton", "float32", True), ("torch", "float32", True), ("triton", "bfloat16", True)]
-    if device.type == "cuda":  # cuDNN convolutions (SigLIP's patch embedding) take TF32 by default: without it
-        configs.insert(1, ("triton", "float32", False))
+    if device.type == "cuda":  # cuDNN convolutions (SigLIP's patch embedding) take TF32 by default: one run
+        configs.insert(1, ("triton", "float32", False))  # without it says whether that moves the float32 logits
+    tf32_before = torch.backends.cudnn.allow_tf32
     for backend, dtype, cudnn_tf32 in configs:
         row: dict = {"backend": backend, "dtype": dtype}
         if device.type == "cuda":
@@ -585,17 +587,14 @@ def fixture_parity(device: torch.device) -> dict:
             finally:
                 loop.shutdown()
                 del loop
-                import gc
-
-                gc.collect()
+                gc.collect()  # free this engine's memory before the next one loads
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
         except Exception as exc:  # noqa: BLE001
             row["error"] = f"{type(exc).__name__}: {str(exc)[:800]}"
             row["traceback"] = traceback.format_exc()[-2000:]
         runs.append(row)
-    if device.type == "cuda":
-        torch.backends.cudnn.allow_tf32 = True  # torch's default
+    torch.backends.cudnn.allow_tf32 = tf32_before
     shutil.rmtree(ckpt, ignore_errors=True)
     return {"runs": runs}
 
