@@ -53,8 +53,8 @@ def cache_dir() -> Path:
 
 def build_key() -> str:
     h = hashlib.sha256()
-    for name in SOURCES:
-        h.update(name.encode() + b"\0" + (CSRC / name).read_bytes())
+    for path in sorted(CSRC.glob("*.[ch]*")):  # the sources and the headers they include
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
     h.update(repr((CFLAGS, LDFLAGS, torch.__version__, torch.version.git_version, sys.version_info[:2])).encode())
     return h.hexdigest()[:16]
 

@@ -16,6 +16,8 @@
 #include <torch/library.h>
 #include <immintrin.h>
 
+#include "linear_io.h"
+
 #include <algorithm>
 #include <cstdint>
 
@@ -105,20 +107,12 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight, const std:
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "weight must be a contiguous [N, K] matrix");
   const int64_t N = weight.size(0), K = weight.size(1);
   TORCH_CHECK(x.size(-1) == K, "input has ", x.size(-1), " features, the weight expects ", K);
-  auto out_shape = x.sizes().vec();
-  out_shape.back() = N;
-  const at::Tensor x2 = x.reshape({-1, K}).contiguous();
-  const int64_t M = x2.size(0);
-  at::Tensor y = at::empty({M, N}, x.options());
-  at::Tensor bias_f;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == N, "bias has ", bias->numel(), " values, expected ", N);
-    bias_f = bias->to(at::kFloat).contiguous();
-  }
-  const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
-  const auto* xp = reinterpret_cast<const uint16_t*>(x2.data_ptr<at::BFloat16>());
+  const LinearIO io = linear_io(x, K, N, bias);
+  const int64_t M = io.M;
+  const float* bp = io.bias();
+  const auto* xp = io.x();
   const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
-  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  at::BFloat16* yp = io.y.data_ptr<at::BFloat16>();
   const int64_t n_tiles = (N + kNR - 1) / kNR;
   // Rows of x per block: the block (<= ~512 KiB) stays in L2 while the thread's weight tiles pass over it.
   const int64_t m_block = std::max<int64_t>(kMaxMR, (512 * 1024 / (2 * K)) / kMaxMR * kMaxMR);
@@ -139,7 +133,7 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight, const std:
       }
     }
   });
-  return y.view(out_shape);
+  return io.result();
 }
 
 }  // namespace

@@ -14,6 +14,8 @@
 #include <torch/library.h>
 #include <immintrin.h>
 
+#include "linear_io.h"
+
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -137,20 +139,12 @@ at::Tensor linear_bf16_packed(const at::Tensor& x, const at::Tensor& packed, con
   const int64_t NB = packed.size(0), KP = packed.size(1), K = x.size(-1);
   TORCH_CHECK((K + 1) / 2 == KP && (N + 15) / 16 == NB, "input has ", K, " features / ", N,
               " outputs; the packed weight holds ", 2 * KP, " x ", 16 * NB);
-  auto out_shape = x.sizes().vec();
-  out_shape.back() = N;
-  const at::Tensor x2 = x.reshape({-1, K}).contiguous();
-  const int64_t M = x2.size(0);
-  at::Tensor y = at::empty({M, N}, x.options());
-  at::Tensor bias_f;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == N, "bias has ", bias->numel(), " values, expected ", N);
-    bias_f = bias->to(at::kFloat).contiguous();
-  }
-  const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
-  const auto* xp = reinterpret_cast<const uint16_t*>(x2.data_ptr<at::BFloat16>());
+  const LinearIO io = linear_io(x, K, N, bias);
+  const int64_t M = io.M;
+  const float* bp = io.bias();
+  const auto* xp = io.x();
   const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
-  auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  auto* yp = reinterpret_cast<uint16_t*>(io.y.data_ptr<at::BFloat16>());
   const int64_t groups = (NB + kNR - 1) / kNR;
   constexpr int64_t ldc = kNR * 16;
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
@@ -184,7 +178,7 @@ at::Tensor linear_bf16_packed(const at::Tensor& x, const at::Tensor& packed, con
       }
     }
   });
-  return y.view(out_shape);
+  return io.result();
 }
 
 }  // namespace
