@@ -23,8 +23,10 @@ from typing import Any
 
 import torch
 
+from .cpu_features import cpu_computes_bf16  # noqa: F401  (re-exported until the checkpoint module is split)
+from .errors import CheckpointError, ConfigError, ModelNotFoundError
 from .model.config import XGenMMConfig
-from .errors import CheckpointError, ModelNotFoundError
+from .placement import resolve_device, resolve_dtype
 
 logger = logging.getLogger("xgenmm.checkpoint")
 
@@ -48,8 +50,14 @@ def resolve_model_dir(model: str | os.PathLike, revision: str | None = None, cac
             raise CheckpointError(f"{path} has no config.json: not an xGen-MM checkpoint directory")
         return path
     text = str(model)
-    if text.startswith((".", "/", "~")) or text.count("/") != 1:
-        raise ModelNotFoundError(f"model {text!r} is neither an existing directory nor a Hugging Face id (owner/name)")
+    if _looks_local(text, path):
+        what = "is a file, not a checkpoint directory" if path.exists() else "does not exist"
+        raise ModelNotFoundError(f"no model directory at {path.absolute()} ({text!r} {what}); pass the path of a "
+                                 f"checkpoint directory (with config.json and *.safetensors) or a Hugging Face id "
+                                 f"such as {DEFAULT_MODEL_ID}")
+    if text.count("/") != 1 or not all(text.split("/")):
+        raise ModelNotFoundError(f"model {text!r} is neither an existing directory nor a Hugging Face id "
+                                 f"(owner/name, e.g. {DEFAULT_MODEL_ID})")
     from huggingface_hub import snapshot_download
 
     try:
@@ -64,6 +72,14 @@ def resolve_model_dir(model: str | os.PathLike, revision: str | None = None, cac
             f"({type(exc).__name__}: {exc}). On a machine with network access run `xgenmm download {text}` "
             f"(or `huggingface-cli download {text}`), or pass the path of a local checkpoint directory."
         ) from exc
+
+
+def _looks_local(text: str, path: Path) -> bool:
+    """A path the user meant as a local directory: absolute, ./ ../ ~, Windows-style, an existing file, or one
+    whose parent folder exists (a Hugging Face id is exactly owner/name, and `owner` is not a folder here)."""
+    if text.startswith((".", "/", "~", "\\")) or os.path.isabs(text) or "\\" in text or path.exists():
+        return True
+    return text.count("/") >= 1 and path.parent.is_dir() and str(path.parent) not in ("", ".")
 
 
 def checkpoint_files(checkpoint_dir: Path) -> dict[str, Path]:
@@ -296,29 +312,9 @@ def _read_rows_into(fh, path: Path, name: str, entry: TensorEntry, dest: torch.T
             flat_dest[r0:r1].copy_(buf.reshape(flat_dest[r0:r1].shape))
 
 
-def cpu_computes_bf16() -> bool:
-    """True when this CPU has native bf16 arithmetic (AMX tiles or AVX-512 BF16) and oneDNN can use it, as torch
-    reports it. There bf16 matmuls run ~4x faster than float32 (benchmarks/cpu_linear.py); elsewhere they are
-    emulated and far slower, so the automatic CPU dtype stays float32."""
-    cpu = torch.cpu
-    native = any(getattr(cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
-    return native and torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
 def parse_dtype(dtype: str | torch.dtype | None, config: XGenMMConfig, device: torch.device) -> torch.dtype:
-    """The model dtype. None / "auto": bfloat16 on CUDA, and on CPUs that compute bf16 natively
-    (`cpu_computes_bf16`), float32 on other CPUs."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        if device.type == "cpu":
-            return torch.bfloat16 if cpu_computes_bf16() else torch.float32
-        return torch.bfloat16
-    names = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-    if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; choose float32, bfloat16 or float16")
-    return names[dtype]
+    """The model dtype (`placement.resolve_dtype`; kept here until the checkpoint module is split)."""
+    return resolve_dtype(dtype, config, device)
 
 
 def load_model(
@@ -339,12 +335,12 @@ def load_model(
     from .model.xgenmm import XGenMMForConditionalGeneration
 
     if linear_kernel not in ("auto", "torch"):
-        raise ValueError(f"linear_kernel must be 'auto' or 'torch', got {linear_kernel!r}")
+        raise ConfigError(f"linear_kernel must be 'auto' or 'torch', got {linear_kernel!r}")
 
     checkpoint_dir = resolve_model_dir(model)
     config = XGenMMConfig.from_pretrained(checkpoint_dir)
-    device = torch.device(device)
-    torch_dtype = parse_dtype(dtype, config, device)
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, config, device)
     if dtype in (None, "auto"):
         logger.info("dtype auto on %s: %s%s", device.type, str(torch_dtype).removeprefix("torch."),
                     " (the CPU computes bf16 natively)" if device.type == "cpu" and torch_dtype == torch.bfloat16 else "")
