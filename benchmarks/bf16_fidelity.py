@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bf16_fidelity.json"))
     args = ap.parse_args(argv)
 
-    from xgenmm.checkpoint import cpu_computes_bf16
+    from xgenmm.cpu_features import cpu_computes_bf16
     from xgenmm.model.cpu_linear import bf16_kernel_available
     from xgenmm.testing import make_random_checkpoint
     from xgenmm.testing.fidelity import fixture_samples, gate_passes, measure

@@ -133,10 +133,10 @@ def main(argv: list[str] | None = None) -> dict:
     from throughput import SYSTEM, make_image
 
     from xgenmm import LLM, SamplingParams
-    from xgenmm.checkpoint import parse_dtype
+    from xgenmm.placement import resolve_dtype
     from xgenmm.engine.engine_loop import create_engine_loop
 
-    dtype = parse_dtype(args.dtype, None, torch.device("cpu"))
+    dtype = resolve_dtype(args.dtype, None, torch.device("cpu"))
     model_dir = args.model
     if model_dir is None:
         from xgenmm.testing import make_random_checkpoint

@@ -235,9 +235,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.preset, args.num_requests, args.max_tokens, args.batch_sizes = "tiny", 4, 8, "2,4"
     torch.manual_seed(0)
-    from xgenmm.checkpoint import parse_dtype
+    from xgenmm.placement import resolve_dtype
 
-    dtype = str(parse_dtype(args.dtype, None, torch.device("cpu"))).removeprefix("torch.")
+    dtype = str(resolve_dtype(args.dtype, None, torch.device("cpu"))).removeprefix("torch.")
     model_dir = args.model
     if model_dir is None:
         from xgenmm.testing import make_random_checkpoint

@@ -160,10 +160,10 @@ def main() -> None:
 
     import torch
 
-    from xgenmm.checkpoint import parse_dtype
+    from xgenmm.placement import resolve_dtype
     from xgenmm.testing import make_random_checkpoint
 
-    args.dtype = str(parse_dtype(args.dtype, None, torch.device("cpu"))).removeprefix("torch.")
+    args.dtype = str(resolve_dtype(args.dtype, None, torch.device("cpu"))).removeprefix("torch.")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", VLLM_ENABLE_V1_MULTIPROCESSING="0")
     report: dict = {
         "benchmark": "vllm_vs_native",

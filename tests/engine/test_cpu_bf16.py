@@ -9,7 +9,9 @@ import torch
 from PIL import Image
 
 from xgenmm import LLM, SamplingParams, cpu_kernels
-from xgenmm.checkpoint import cpu_computes_bf16, load_model, parse_dtype
+from xgenmm.checkpoint import load_model
+from xgenmm.cpu_features import cpu_computes_bf16
+from xgenmm.placement import resolve_dtype
 from xgenmm.model.config import XGenMMConfig
 from xgenmm.engine.engine_loop import create_engine_loop
 
@@ -20,10 +22,10 @@ native_bf16 = pytest.mark.skipif(not (cpu_computes_bf16() and cpu_kernels.availa
 def test_auto_dtype_on_cpu_is_bf16_exactly_where_the_cpu_computes_it(tiny_checkpoint):
     config = XGenMMConfig.from_pretrained(tiny_checkpoint)
     expected = torch.bfloat16 if cpu_computes_bf16() else torch.float32
-    assert parse_dtype(None, config, torch.device("cpu")) == expected
-    assert parse_dtype("auto", config, torch.device("cpu")) == expected
-    assert parse_dtype("float32", config, torch.device("cpu")) == torch.float32
-    assert parse_dtype(None, config, torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype(None, config, torch.device("cpu")) == expected
+    assert resolve_dtype("auto", config, torch.device("cpu")) == expected
+    assert resolve_dtype("float32", config, torch.device("cpu")) == torch.float32
+    assert resolve_dtype(None, config, torch.device("cuda")) == torch.bfloat16
     assert cpu_computes_bf16() == bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..async_llm import AsyncLLM
-from ..checkpoint import parse_dtype, resolve_model_dir
+from ..checkpoint import resolve_model_dir
+from ..placement import resolve_dtype
 from ..engine.engine_loop import EngineLoop
 from ..engine.input_processor import InputProcessor
 from ..engine.output_processor import deliver
@@ -107,7 +108,7 @@ def build_engine_args(model_dir: str, device: str | None, dtype: Any, options: d
     for name, why in UNSUPPORTED_OPTIONS.items():
         if options.pop(name, None) is not None:
             raise TypeError(f"engine option {name!r} is not supported by the vLLM backend: {why}")
-    resolved = parse_dtype(dtype, XGenMMConfig.from_pretrained(model_dir), torch.device(platform))
+    resolved = resolve_dtype(dtype, XGenMMConfig.from_pretrained(model_dir), torch.device(platform))
     args: dict[str, Any] = {
         "model": model_dir,
         "tokenizer": model_dir,

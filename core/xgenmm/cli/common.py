@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import DEFAULT_MODEL_ID
+from ..checkpoint.hub import DEFAULT_MODEL_ID
 from ..errors import ModelNotFoundError
 from ..multimodal.image_sources import ImageInputPolicy
 
@@ -92,7 +92,7 @@ def no_weights_advice(model: str) -> str:
 
 def resolve_model(model: str) -> Path:
     """The checkpoint directory for `model`, or a `CLIError` that says exactly what to run."""
-    from ..checkpoint import resolve_model_dir
+    from ..checkpoint.hub import resolve_model_dir
 
     try:
         return resolve_model_dir(model)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..engine.sequence import ImageSpan
+from .spans import ImageSpan
 from ..errors import ImageCountMismatchError
 from ..special_tokens import IMAGE_PLACEHOLDER_TOKEN_ID, IMAGE_TOKEN_ID
 
