@@ -119,7 +119,7 @@ class LLM(EngineClient):
             return [sampling_params] * count
         params = list(sampling_params)
         if len(params) != count:
-            raise SamplingParamsError(f"got {len(params)} SamplingParams for {count} prompts")
+            raise SamplingParamsError(f"got {len(params)} SamplingParams for {count} prompts", field="sampling_params")
         return params
 
     def _run(self, prepared, use_tqdm: bool) -> list[RequestOutput]:

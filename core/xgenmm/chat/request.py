@@ -109,13 +109,14 @@ def sampling_params_from_openai(options: Mapping[str, Any], *, output_kind: Requ
     vLLM's `logprobs` (how many alternatives, or None for none). Unknown names raise `SamplingParamsError`."""
     unknown = sorted(set(options) - set(OPENAI_SAMPLING_OPTIONS) - set(VLLM_SAMPLING_OPTIONS))
     if unknown:
-        raise SamplingParamsError(f"unknown sampling option(s): {', '.join(repr(u) for u in unknown)}")
+        raise SamplingParamsError(f"unknown sampling option(s): {', '.join(repr(u) for u in unknown)}",
+                                  field=unknown[0])
     values = {k: v for k, v in options.items() if v is not None}
     values["max_tokens"] = values.pop("max_completion_tokens", values.get("max_tokens"))
     logprobs = values.pop("logprobs", False)
     top_logprobs = values.pop("top_logprobs", None)
     if top_logprobs is not None and not logprobs:
-        raise SamplingParamsError("invalid sampling option top_logprobs: it needs logprobs=True")
+        raise SamplingParamsError("invalid sampling option top_logprobs: it needs logprobs=True", field="top_logprobs")
     values["logprobs"] = (top_logprobs or 0) if logprobs else None
     return SamplingParams(output_kind=output_kind, **values)
 
@@ -162,13 +163,13 @@ def build_chat_request(
         drop_stops = True
     if constraint is None and structured_outputs is not None:
         if not isinstance(structured_outputs, StructuredOutputsParams):
-            raise SamplingParamsError("structured_outputs must be a StructuredOutputsParams")
+            raise SamplingParamsError("structured_outputs must be a StructuredOutputsParams", field="structured_outputs")
         constraint = structured_outputs
     if constraint is None:
         constraint = params.structured_outputs
     elif params.structured_outputs is not None and params.structured_outputs != constraint:
         raise SamplingParamsError("structured_outputs cannot be combined with a response_format or a forced tool "
-                                  "call (each constrains the reply)")
+                                  "call (each constrains the reply)", field="structured_outputs")
     changes: dict[str, Any] = {"structured_outputs": constraint}
     if drop_stops:
         changes["stop"] = None
@@ -193,7 +194,7 @@ def _sampling(sampling: SamplingParams | Mapping[str, Any] | None, output_kind: 
         params = sampling_params_from_openai(sampling, output_kind=output_kind or RequestOutputKind.FINAL_ONLY)
     else:
         raise SamplingParamsError(f"sampling must be a SamplingParams or a mapping of options, got "
-                                  f"{type(sampling).__name__}")
+                                  f"{type(sampling).__name__}", field=None)
     if output_kind is not None and params.output_kind is not output_kind:
         params = params.replace(output_kind=output_kind)
     return params

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import ConfigError
+
 from ..multimodal.image_sources import ImageInputPolicy
 
 __all__ = ["EngineConfig", "DEFAULT_BLOCK_SIZE"]
@@ -42,10 +44,44 @@ class EngineConfig:
     prefetch_images: bool | None = None  # encode waiting requests' images ahead on a side stream (None: on CUDA)
     prefetch_image_patches: int = 64  # at most this many image patches encoding ahead at once
 
+    def __post_init__(self) -> None:
+        """Every option checked once, here, naming the option: a bad value never surfaces later as a torch or
+        allocator error deep inside the engine."""
+        for name, minimum in (("max_num_seqs", 1), ("max_num_batched_tokens", 1), ("kv_cache_memory_bytes", 1),
+                              ("max_model_len", 1)):
+            _check_int(name, getattr(self, name), minimum, optional=True)
+        for name, minimum in (("block_size", 1), ("vision_cache_bytes", 0), ("max_images_per_prompt", 0),
+                              ("prefetch_image_patches", 1), ("seed", None)):
+            _check_int(name, getattr(self, name), minimum)
+        fraction = self.gpu_memory_utilization
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            raise ConfigError(f"engine option gpu_memory_utilization must be a number in (0, 1], got {fraction!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"engine option attention_backend must be one of "
+                              f"{', '.join(map(repr, ATTENTION_BACKENDS))}, got {self.attention_backend!r}")
+        if self.linear_kernel not in ("auto", "torch"):
+            raise ConfigError(f"engine option linear_kernel must be 'auto' or 'torch', got {self.linear_kernel!r}")
+        for name in ("enable_prefix_caching", "enforce_eager"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"engine option {name} must be a bool, got {getattr(self, name)!r}")
+        if self.prefetch_images is not None and not isinstance(self.prefetch_images, bool):
+            raise ConfigError(f"engine option prefetch_images must be None or a bool, got {self.prefetch_images!r}")
+
     @classmethod
     def from_options(cls, **options: Any) -> EngineConfig:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(options) - known)
         if unknown:
-            raise TypeError(f"unknown engine option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise ConfigError(f"unknown engine option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**options)
+
+
+ATTENTION_BACKENDS = (None, "torch", "cpu_paged", "flex", "triton")
+
+
+def _check_int(name: str, value: Any, minimum: int | None, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        need = "an int" if minimum is None else f"an int >= {minimum}"
+        raise ConfigError(f"engine option {name} must be {need}{' or None' if optional else ''}, got {value!r}")

@@ -74,7 +74,7 @@ def grammar_spec(params: StructuredOutputsParams) -> str:
             return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in params.choice))
         return llguidance.LLMatcher.grammar_from_lark(params.grammar)
     except (ValueError, TypeError) as exc:
-        raise SamplingParamsError(f"invalid structured_outputs.{kind}: {exc}") from None
+        raise SamplingParamsError(f"invalid structured_outputs.{kind}: {exc}", field=f"structured_outputs.{kind}") from None
 
 
 def _cache_key(params: StructuredOutputsParams) -> str:
@@ -115,7 +115,8 @@ class GrammarCompiler:
     def compile(self, params: StructuredOutputsParams) -> GrammarMatcher:
         """A matcher at the start of the grammar. Raises `SamplingParamsError` for an invalid schema / grammar."""
         if not isinstance(params, StructuredOutputsParams):
-            raise SamplingParamsError(f"structured_outputs must be StructuredOutputsParams, got {type(params).__name__}")
+            raise SamplingParamsError(f"structured_outputs must be StructuredOutputsParams, got {type(params).__name__}",
+                                      field="structured_outputs")
         key = _cache_key(params)
         with self._lock:
             proto = self._cache.get(key)
@@ -134,8 +135,10 @@ class GrammarCompiler:
         kind = params.kind
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(spec, self.ll_tokenizer)
         if is_error:
-            raise SamplingParamsError(f"invalid structured_outputs.{kind}: {_first_line(messages[0])}")
+            raise SamplingParamsError(f"invalid structured_outputs.{kind}: {_first_line(messages[0])}",
+                                      field=f"structured_outputs.{kind}")
         matcher = llguidance.LLMatcher(self.ll_tokenizer, spec, log_level=0)
         if matcher.is_error():
-            raise SamplingParamsError(f"invalid structured_outputs.{kind}: {_first_line(matcher.get_error())}")
+            raise SamplingParamsError(f"invalid structured_outputs.{kind}: {_first_line(matcher.get_error())}",
+                                      field=f"structured_outputs.{kind}")
         return matcher
