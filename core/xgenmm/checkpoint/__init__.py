@@ -6,7 +6,7 @@
 - `loader`: `load_model` (device and dtype come from `xgenmm.placement`).
 """
 
-from .hub import DEFAULT_MODEL_ID, DOWNLOAD_PATTERNS, KNOWN_MODEL_IDS, resolve_model_dir
+from .hub import DEFAULT_MODEL_ID, DOWNLOAD_PATTERNS, KNOWN_MODEL_IDS, is_local_path, resolve_model_dir
 from .layout import IGNORED_PREFIXES, CheckpointLayout, check_checkpoint_layout, expected_checkpoint_shapes, load_checkpoint_into
 from .loader import load_model
 from .shards import TensorEntry, checkpoint_files, iter_checkpoint_tensors, read_safetensors_header, safetensors_index
@@ -21,6 +21,7 @@ __all__ = [
     "check_checkpoint_layout",
     "checkpoint_files",
     "expected_checkpoint_shapes",
+    "is_local_path",
     "iter_checkpoint_tensors",
     "load_checkpoint_into",
     "load_model",

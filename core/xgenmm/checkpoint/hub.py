@@ -28,7 +28,7 @@ def resolve_model_dir(model: str | os.PathLike, revision: str | None = None, cac
             raise CheckpointError(f"{path} has no config.json: not an xGen-MM checkpoint directory")
         return path
     text = str(model)
-    if _looks_local(text, path):
+    if is_local_path(text):
         what = "is a file, not a checkpoint directory" if path.exists() else "does not exist"
         raise ModelNotFoundError(f"no model directory at {path.absolute()} ({text!r} {what}); pass the path of a "
                                  f"checkpoint directory (with config.json and *.safetensors) or a Hugging Face id "
@@ -52,9 +52,10 @@ def resolve_model_dir(model: str | os.PathLike, revision: str | None = None, cac
         ) from exc
 
 
-def _looks_local(text: str, path: Path) -> bool:
-    """A path the user meant as a local directory: absolute, ./ ../ ~, Windows-style, an existing file, or one
-    whose parent folder exists (a Hugging Face id is exactly owner/name, and `owner` is not a folder here)."""
+def is_local_path(model: str | os.PathLike) -> bool:
+    """A path the user meant as a local directory: absolute, ./ ../ ~, Windows-style, an existing file or folder, or
+    one whose parent folder exists (a Hugging Face id is exactly owner/name, and `owner` is not a folder here)."""
+    text, path = str(model), Path(model).expanduser()
     if text.startswith((".", "/", "~", "\\")) or os.path.isabs(text) or "\\" in text or path.exists():
         return True
     return text.count("/") >= 1 and path.parent.is_dir() and str(path.parent) not in ("", ".")
