@@ -27,7 +27,7 @@ from .placement import Placement, resolve_device, resolve_dtype, resolve_placeme
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from .sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "LLM",

@@ -80,7 +80,7 @@ def test_bf16_engine_identical_alone_batched_preempted_and_cached(tiny_checkpoin
 
 @native_bf16
 def test_bf16_vision_tokens_do_not_depend_on_grouping(tiny_checkpoint, fixture_dir):
-    from xgenmm.image_processing import ImageProcessor
+    from xgenmm.multimodal.image_processing import ImageProcessor
 
     model = load_model(tiny_checkpoint, "cpu", "bfloat16")
     processor = ImageProcessor.from_pretrained(tiny_checkpoint)
