@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import PromptError, SamplingParamsError
@@ -40,7 +40,6 @@ __all__ = [
     "sampling_params_from_openai",
     "OPENAI_SAMPLING_OPTIONS",
     "VLLM_SAMPLING_OPTIONS",
-    "sampling_fields",
 ]
 
 # OpenAI chat-completions sampling fields, and vLLM's extras (what `extra_body` carries); anything else a front end
@@ -68,7 +67,8 @@ class ResponseFormat:
 
 @dataclass(frozen=True)
 class ChatRequest:
-    """A chat request ready for `LLM.chat` / `AsyncLLM.chat` / `chat_stream` (`**request.chat_kwargs()`)."""
+    """One chat request, built once (`build_chat_request`) and handed down whole: `LLM.chat(request)`,
+    `LLM.chat_stream(request)`, `AsyncLLM.chat(request)`; the engine's client renders it (`EngineHandle.prepare_chat`)."""
 
     messages: list[dict[str, Any]]
     params: SamplingParams
@@ -77,11 +77,6 @@ class ChatRequest:
     image_policy: ImageInputPolicy | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-
-    def chat_kwargs(self) -> dict[str, Any]:
-        return {"tools": self.tools, "image_policy": self.image_policy,
-                "add_generation_prompt": self.add_generation_prompt,
-                "continue_final_message": self.continue_final_message}
 
 
 def response_format_from_openai(response_format: Mapping[str, Any] | None) -> ResponseFormat:
@@ -221,9 +216,3 @@ def _with_format_instruction(messages: list[dict[str, Any]], fmt: ResponseFormat
     has_system = any(m.get("role") in ("system", "developer") for m in messages if isinstance(m, Mapping))
     prefix = [] if has_system else [{"role": "system", "content": DEFAULT_SYSTEM_MESSAGE}]
     return prefix + messages + [{"role": "system", "content": instruction}]
-
-
-def sampling_fields() -> tuple[str, ...]:
-    """Every `SamplingParams` field name (front ends that accept them by name check against this)."""
-    return tuple(f.name for f in fields(SamplingParams))
-

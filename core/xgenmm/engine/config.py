@@ -6,12 +6,10 @@ checkpoint's config.json; this is how the engine runs that model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
-
-from ..multimodal.image_sources import ImageInputPolicy
 
 __all__ = ["EngineConfig", "DEFAULT_BLOCK_SIZE"]
 
@@ -20,7 +18,8 @@ DEFAULT_BLOCK_SIZE = 16  # tokens per KV-cache block (and per prefix-cache hash)
 
 @dataclass
 class EngineConfig:
-    """Engine options (all have defaults sized for the device)."""
+    """Engine-core options (all have defaults sized for the device). How requests are read (image policy, image
+    decodes at once, chat content tokens) is the client's: `xgenmm.client.ClientSettings`."""
 
     max_num_seqs: int | None = None  # default: 256 on CUDA, 64 on CPU
     max_num_batched_tokens: int | None = None  # default: 8192 on CUDA, 2048 on CPU
@@ -32,13 +31,8 @@ class EngineConfig:
     vision_cache_bytes: int = 512 * 1024**2
     attention_backend: str | None = None  # "torch" | "flex" | "triton" | None (auto)
     max_model_len: int | None = None  # default: the model's max_position_embeddings (4096)
-    image_policy: ImageInputPolicy = field(default_factory=ImageInputPolicy)
     seed: int = 0  # process generator for unseeded sampling
     max_images_per_prompt: int = 32
-    max_concurrent_image_decodes: int = 2  # image pixels decoded at once per engine (bounds decode memory)
-    # Control tokens inside chat message content: "text" (plain text, nobody can forge a turn) or "special" (parsed,
-    # as upstream's tokenization of the whole string does). See xgenmm.chat.template.
-    chat_content_tokens: str = "text"
     linear_kernel: str = "auto"  # "auto": oneDNN linears for float32 on CPU (model/cpu_linear.py); "torch": ATen
     enforce_eager: bool = False  # CUDA: never capture / replay decode CUDA graphs (debugging, profiling)
     prefetch_images: bool | None = None  # encode waiting requests' images ahead on a side stream (None: on CUDA)
