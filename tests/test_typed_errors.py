@@ -95,3 +95,19 @@ def test_unknown_attention_backend_and_bad_image_policy_are_config_errors():
         get_attention_backend("cudnn", "cpu")
     with pytest.raises(ConfigError, match="max_image_pixels must be positive"):
         ImageInputPolicy(max_image_pixels=0)
+
+
+def test_every_sampling_params_error_in_the_package_names_its_field():
+    """`raise SamplingParamsError(...)` anywhere in xgenmm passes `field=` (None when the error is not about one
+    field), so no front end ever has to guess it from the message."""
+    import ast
+
+    from tests.support import REPO
+
+    calls = []
+    for path in sorted((REPO / "core" / "xgenmm").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "SamplingParamsError":
+                calls.append((path.relative_to(REPO), node.lineno, any(k.arg == "field" for k in node.keywords)))
+    assert len(calls) >= 20  # the walk found the package's raises
+    assert [c for c in calls if not c[2]] == []

@@ -82,7 +82,7 @@ def build_engine_args(model_dir: str, device: str | None, dtype: Any, options: d
         raise ConfigError(f"the vLLM backend runs on vLLM's platform ({platform!r}); device={device!r} was asked")
     for name, why in UNSUPPORTED_OPTIONS.items():
         if options.pop(name, None) is not None:
-            raise TypeError(f"engine option {name!r} is not supported by the vLLM backend: {why}")
+            raise ConfigError(f"engine option {name!r} is not supported by the vLLM backend: {why}")
     resolved = resolve_dtype(dtype, XGenMMConfig.from_pretrained(model_dir), torch.device(platform))
     args: dict[str, Any] = {
         "model": model_dir,
@@ -105,8 +105,8 @@ def build_engine_args(model_dir: str, device: str | None, dtype: Any, options: d
     known = {f.name for f in dataclasses.fields(EngineArgs)}
     unknown = sorted(set(options) - known)
     if unknown:
-        raise TypeError(f"unknown engine option(s) {', '.join(unknown)} for the vLLM backend (native options: "
-                        f"{', '.join(sorted(MAPPED_OPTIONS))}; or any vllm.EngineArgs field)")
+        raise ConfigError(f"unknown engine option(s) {', '.join(unknown)} for the vLLM backend (native options: "
+                          f"{', '.join(sorted(MAPPED_OPTIONS))}; or any vllm.EngineArgs field)")
     args.update(options)
     return args
 
