@@ -15,6 +15,7 @@ from ..chat.request import ChatRequest
 from ..chat.template import engine_chat_renderer
 from ..engine.core_loop import CoreLoop, Sink
 from ..engine.request import PreparedRequest
+from ..errors import PromptError
 from ..multimodal.image_processing import ImageProcessor
 from ..multimodal.image_sources import ImageInputPolicy
 from ..placement import Placement
@@ -67,7 +68,8 @@ class EngineHandle:
         """One `ChatRequest` -> a request the core can run: rendered with the chat template, each image opened once
         (by the renderer, header-only) and then decoded once, checked once."""
         if not isinstance(request, ChatRequest):
-            raise TypeError(f"prepare_chat needs a ChatRequest, got {type(request).__name__}")
+            raise PromptError(f"prepare_chat needs a ChatRequest (xgenmm.chat.build_chat_request), got "
+                              f"{type(request).__name__}")
         policy = request.image_policy or self.image_policy
         rendered = self.chat_renderer.render(request.messages, add_generation_prompt=request.add_generation_prompt,
                                              image_policy=policy, tools=request.tools,

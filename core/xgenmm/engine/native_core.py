@@ -81,13 +81,18 @@ class NativeEngineCore:
         self.process_generator = torch.Generator(device=device).manual_seed(cfg.seed)
         self.sampler = Sampler(self.process_generator)
         self.eos_token_ids = (END_TOKEN_ID, ENDOFTEXT_TOKEN_ID)
-        self.input_spec = CoreInputSpec(max_model_len=self.max_model_len, vocab_size=self.model.vocab_size,
-                                        tiles_images=True, max_images_per_prompt=cfg.max_images_per_prompt)
+        self._input_spec = CoreInputSpec(max_model_len=self.max_model_len, vocab_size=self.model.vocab_size,
+                                         tiles_images=True, max_images_per_prompt=cfg.max_images_per_prompt)
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self._requests: dict[str, RequestState] = {}
         self._counters = dict(preemptions=0, generated=0, prompt=0, cached=0, finished=0, failed=0)
         logger.info("engine ready: %s on %s (%s), %d KV blocks of %d", self.model_name, device, self.dtype, num_blocks,
                     cfg.block_size)
+
+    @property
+    def input_spec(self) -> CoreInputSpec:
+        """What the client hands this core: tiled images and the fused prompt (any thread)."""
+        return self._input_spec
 
     # ---- request lifecycle (engine-loop thread only) -------------------------------------------------------------
     def add(self, prepared: PreparedRequest, sink: Sink) -> None:
