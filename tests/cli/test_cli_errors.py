@@ -34,6 +34,7 @@ def _one_error_line(proc: subprocess.CompletedProcess, command: str) -> str:
     (("--device", "cuda:99"), 'use device="cpu"' if NO_CUDA else "pick one of those"),
     (("--device", "gpu"), 'unknown device \'gpu\'; use one of "cpu", "cuda", "cuda:N"'),
     (("--dtype", "fp8"), "unknown dtype 'fp8'; use one of auto, float32, bfloat16, float16"),
+    (("--device", "cpu", "--max-num-seqs", "0"), "engine option max_num_seqs must be an int >= 1"),  # the core's check
 ])
 def test_chat_device_and_dtype_mistakes(tiny_checkpoint, argv, remedy):
     line = _one_error_line(_xgenmm("chat", "--model", str(tiny_checkpoint), *argv, "hello"), "chat")

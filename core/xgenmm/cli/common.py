@@ -58,7 +58,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="KV cache size on CPU, e.g. 2GiB (default 1GiB)")
     group.add_argument("--gpu-memory-utilization", type=float, default=None,
                        help="fraction of GPU memory the engine may use (default 0.9)")
-    group.add_argument("--attention-backend", choices=("torch", "flex", "triton"), default=None,
+    group.add_argument("--attention-backend", choices=("torch", "cpu_paged", "flex", "triton"), default=None,
                        help="default: the fastest available")
     group.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     group.add_argument("--allow-control-tokens-in-content", action="store_true",
