@@ -150,6 +150,7 @@ class XGenMM(FunctionCallingLLM):
     @property
     def engine(self) -> EngineClients:
         """Deprecated name of `engine_clients` (kept for 0.2 callers)."""
+        warnings.warn("XGenMM.engine is deprecated; use XGenMM.engine_clients", DeprecationWarning, stacklevel=2)
         return self.engine_clients
 
     @property

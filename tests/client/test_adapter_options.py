@@ -59,3 +59,14 @@ def test_adapters_open_no_engine_to_build_requests():
     lc, li = ChatXGenMM(model="/nonexistent/x"), XGenMM(model="/nonexistent/x")
     _ = (lc._identifying_params, li.metadata)
     assert not lc._lazy_engine.is_open and not li._lazy_engine.is_open
+
+
+def test_llamaindex_engine_is_a_deprecated_name_of_engine_clients(tiny_checkpoint):
+    from llama_index.llms.xgenmm import XGenMM
+
+    from xgenmm.client import EngineClients
+
+    llm = XGenMM(model=str(tiny_checkpoint), device="cpu", dtype="float32")
+    with pytest.warns(DeprecationWarning, match="engine_clients"):
+        clients = llm.engine
+    assert isinstance(clients, EngineClients) and clients is llm.engine_clients
