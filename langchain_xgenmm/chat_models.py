@@ -37,7 +37,7 @@ from xgenmm import DEFAULT_MODEL_ID, ImageInputPolicy, RequestOutputKind
 from xgenmm.chat import ChatRequest, ChoiceStream, ReplyEvent, ResponseFormat, build_chat_request, chat_choice, usage_of
 from xgenmm.chat.reply import TokenPieces, logprobs_content
 from xgenmm.chat.request import OPENAI_SAMPLING_OPTIONS, VLLM_SAMPLING_OPTIONS
-from xgenmm.client import EngineClients, LazyEngine
+from xgenmm.lazy_engine import EngineClients, LazyEngine
 from xgenmm.multimodal.image_processing import DEFAULT_MAX_IMAGE_PIXELS
 from xgenmm.multimodal.image_sources import DEFAULT_MAX_IMAGE_BYTES
 from xgenmm.outputs import CompletionOutput, RequestOutput

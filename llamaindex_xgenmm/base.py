@@ -44,7 +44,7 @@ from llama_index.core.llms.llm import ToolSelection
 
 from xgenmm.chat import ChatRequest, build_chat_request
 from xgenmm.chat.request import OPENAI_SAMPLING_OPTIONS, VLLM_SAMPLING_OPTIONS, sampling_params_from_openai
-from xgenmm.client import EngineClients, LazyEngine
+from xgenmm.lazy_engine import EngineClients, LazyEngine
 from xgenmm.checkpoint import DEFAULT_MODEL_ID
 from xgenmm.errors import SamplingParamsError
 from xgenmm.multimodal.image_processing import DEFAULT_MAX_IMAGE_PIXELS

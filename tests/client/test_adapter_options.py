@@ -64,7 +64,7 @@ def test_adapters_open_no_engine_to_build_requests():
 def test_llamaindex_engine_is_a_deprecated_name_of_engine_clients(tiny_checkpoint):
     from llama_index.llms.xgenmm import XGenMM
 
-    from xgenmm.client import EngineClients
+    from xgenmm.lazy_engine import EngineClients
 
     llm = XGenMM(model=str(tiny_checkpoint), device="cpu", dtype="float32")
     with pytest.warns(DeprecationWarning, match="engine_clients"):

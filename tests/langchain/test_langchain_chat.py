@@ -340,7 +340,7 @@ class _StubEngine:
 
 
 def _stubbed(text: str) -> ChatXGenMM:
-    from xgenmm.client import EngineClients
+    from xgenmm.lazy_engine import EngineClients
 
     model = ChatXGenMM(model="stub")
     stub = _StubEngine(text)

@@ -9,7 +9,7 @@ import pytest
 from llama_index.core import SimpleDirectoryReader, VectorStoreIndex
 from llama_index.core.schema import ImageDocument, ImageNode
 
-from xgenmm.client import EngineClients
+from xgenmm.lazy_engine import EngineClients
 from xgenmm.errors import ImageError
 
 NAMES = ["blue.png", "green.png", "red.png"]

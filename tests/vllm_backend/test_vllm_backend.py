@@ -17,7 +17,7 @@ pytest.importorskip("vllm")
 from PIL import Image  # noqa: E402
 
 from xgenmm import SamplingParams  # noqa: E402
-from xgenmm.client import EngineClients  # noqa: E402
+from xgenmm.lazy_engine import EngineClients  # noqa: E402
 from xgenmm.errors import ImageCountMismatchError, PromptError, SamplingParamsError  # noqa: E402
 from xgenmm.multimodal.image_processing import ImageProcessor  # noqa: E402
 from xgenmm.sampling_params import RequestOutputKind, StructuredOutputsParams  # noqa: E402

@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from tests.chat.conformance_cases import CASES, MAX_TOKENS, Case  # noqa: E402
-from xgenmm.client import EngineClients  # noqa: E402
+from xgenmm.lazy_engine import EngineClients  # noqa: E402
 from xgenmm.chat import build_chat_request, chat_choice  # noqa: E402
 
 

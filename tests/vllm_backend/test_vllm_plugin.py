@@ -13,7 +13,7 @@ pytest.importorskip("vllm")
 from PIL import Image  # noqa: E402
 
 from xgenmm import SamplingParams  # noqa: E402
-from xgenmm.client import EngineClients  # noqa: E402
+from xgenmm.lazy_engine import EngineClients  # noqa: E402
 from xgenmm.special_tokens import IMAGE_PLACEHOLDER_TOKEN, IMAGE_TOKEN  # noqa: E402
 from xgenmm.testing import make_random_checkpoint  # noqa: E402
 

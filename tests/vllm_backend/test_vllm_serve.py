@@ -28,7 +28,7 @@ openai = pytest.importorskip("openai")
 from PIL import Image  # noqa: E402
 
 from xgenmm import SamplingParams  # noqa: E402
-from xgenmm.client import EngineClients  # noqa: E402
+from xgenmm.lazy_engine import EngineClients  # noqa: E402
 
 SYSTEM = "You describe pictures."
 STARTUP_TIMEOUT_S = 300

@@ -26,7 +26,7 @@ from PIL import Image
 
 def main():
     from xgenmm import SamplingParams
-    from xgenmm.client import EngineClients
+    from xgenmm.lazy_engine import EngineClients
     ckpt, fixtures = sys.argv[1], Path(sys.argv[2])
     engine = EngineClients.open("vllm", model=ckpt, dtype="float32", tensor_parallel_size=2,
                         kv_cache_memory_bytes=256 * 1024**2)

@@ -17,7 +17,7 @@ from PIL import Image  # noqa: E402
 
 from tests.support import TOKENIZER_FIXTURES  # noqa: E402
 from xgenmm import SamplingParams  # noqa: E402
-from xgenmm.client import EngineClients  # noqa: E402
+from xgenmm.lazy_engine import EngineClients  # noqa: E402
 
 CASES = json.loads((TOKENIZER_FIXTURES / "cases.json").read_text(encoding="utf-8"))
 RAW = [c for c in CASES if c["kind"] == "raw" and c["text"]]

@@ -1,5 +1,6 @@
-"""`LazyEngine`: the adapters' shared way to open their engine on first use (one lock, one front door call), so a
-LangChain / LlamaIndex object can be built, copied and validated without loading weights."""
+"""`EngineClients` (an `LLM` + `AsyncLLM` pair over one engine handle) and `LazyEngine`: the adapters' shared way to
+open their engine on first use (one lock, one front door call), so a LangChain / LlamaIndex object can be built,
+copied and validated without loading weights. Above both `xgenmm.client` and the clients (`llm`, `async_llm`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .handle import EngineHandle
+from .async_llm import AsyncLLM
+from .client import EngineHandle, open_engine
+from .llm import LLM
 
 __all__ = ["EngineClients", "LazyEngine"]
 
@@ -23,16 +26,11 @@ class EngineClients:
 
     @classmethod
     def of(cls, handle: EngineHandle) -> "EngineClients":
-        from ..async_llm import AsyncLLM
-        from ..llm import LLM
-
         return cls(handle, LLM.from_handle(handle), AsyncLLM.from_handle(handle))
 
     @classmethod
     def open(cls, backend: str = "native", **arguments: Any) -> "EngineClients":
         """`open_engine(backend, **arguments)`'s clients (the shared engine unless `shared=False`)."""
-        from .front_door import open_engine
-
         return cls.of(open_engine(backend, **arguments))
 
     @property
