@@ -13,7 +13,7 @@ from typing import Sequence
 from .chat.request import ChatRequest
 from .client.base import POLL_S, BaseClient, RequestStream
 from .client.request_ids import new_request_id
-from .errors import SamplingParamsError
+from .errors import PromptError, SamplingParamsError
 from .multimodal.image_sources import ImageInputPolicy
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
@@ -54,7 +54,10 @@ class _Collector:
 def _as_list(prompts) -> tuple[list, bool]:
     if isinstance(prompts, (str, dict)):
         return [prompts], True
-    return list(prompts), False
+    try:
+        return list(prompts), False
+    except TypeError:
+        raise PromptError(f"prompts must be a str, a prompt dict or a list of them, got {type(prompts).__name__}") from None
 
 
 class LLM(BaseClient):

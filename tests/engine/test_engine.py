@@ -154,6 +154,10 @@ def test_bad_requests_fail_alone_with_clear_errors(tiny_checkpoint, tiny_llm):
         SamplingParams(temperature=-1)
     with pytest.raises(PromptError, match="unsupported modality"):
         tiny_llm.generate({"prompt": "x", "multi_modal_data": {"audio": b"..."}})
+    with pytest.raises(PromptError, match="prompts must be a str, a prompt dict or a list"):
+        tiny_llm.generate(123)
+    with pytest.raises(PromptError, match="prompt_token_ids must be a list of int token ids"):
+        tiny_llm.generate({"prompt_token_ids": [1, "a"]})
     with pytest.raises(PromptTooLongError):
         tiny_llm.generate("word " * 5000)
     small = open_engine("native", str(tiny_checkpoint), "cpu", "float32", kv_cache_memory_bytes=8 * 16 * 1024, shared=False)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import operator
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -157,7 +158,10 @@ class InputProcessor:
         if not isinstance(images, (list, tuple)):
             images = [images]
         if "prompt_token_ids" in prompt:
-            ids = [int(t) for t in prompt["prompt_token_ids"]]
+            try:
+                ids = [operator.index(t) for t in prompt["prompt_token_ids"]]
+            except TypeError:
+                raise PromptError("prompt_token_ids must be a list of int token ids") from None
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
                 raise PromptError(f"prompt_token_ids contains ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
