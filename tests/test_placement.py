@@ -101,3 +101,14 @@ def test_a_file_is_not_a_model_directory(tmp_path):
     (tmp_path / "model.bin").write_bytes(b"x")
     with pytest.raises(ModelNotFoundError, match="is a file"):
         resolve_model_dir(tmp_path / "model.bin")
+
+
+def test_what_counts_as_a_local_path(tmp_path, monkeypatch):
+    from xgenmm.checkpoint import DEFAULT_MODEL_ID, is_local_path
+
+    monkeypatch.chdir(tmp_path)
+    assert not is_local_path(DEFAULT_MODEL_ID)  # owner/name with no folder `owner` here: a Hugging Face id
+    for path in ("./x", "../x", "/x", "~/x", "a\\b", "./x/y"):
+        assert is_local_path(path), path
+    (tmp_path / "Salesforce").mkdir()
+    assert is_local_path(DEFAULT_MODEL_ID)  # now the parent folder exists: meant as a path
