@@ -250,3 +250,28 @@ def test_both_engine_cores_implement_the_one_protocol(tiny_checkpoint):
     handle = open_engine("native", str(tiny_checkpoint), "cpu", "float32")
     spec = handle.core.input_spec
     assert spec.tiles_images and spec.max_model_len == handle.max_model_len == 4096
+
+
+def test_tools_are_validated_once_per_request(tiny_checkpoint, monkeypatch):
+    """build_chat_request validates the tools; the tool-choice resolver, the grammar builder, the prompt renderer and
+    the reply parser reuse the validated list instead of checking it again."""
+    from xgenmm.chat import chat_choice
+    from xgenmm.tool_calls import choice
+
+    validations = []
+
+    class CountingTools(choice.NormalizedTools):
+        def __init__(self, *args):
+            validations.append(1)
+            super().__init__(*args)
+
+    monkeypatch.setattr(choice, "NormalizedTools", CountingTools)
+    tools = [{"type": "function", "function": {"name": "add", "description": "Add two numbers",
+                                               "parameters": {"type": "object", "properties": {
+                                                   "a": {"type": "integer"}, "b": {"type": "integer"}}}}}]
+    request = build_chat_request([{"role": "user", "content": "1 + 2?"}], tools=tools, tool_choice="required",
+                                 sampling={"temperature": 0, "max_tokens": 64})
+    out = LLM(str(tiny_checkpoint), device="cpu", dtype="float32").chat(request)[0]
+    reply = chat_choice(out.outputs[0], request.tools)
+    assert [c.name for c in reply.tool_calls] == ["add"]  # the forced call, parsed against the validated tools
+    assert len(validations) == 1
