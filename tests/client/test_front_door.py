@@ -275,3 +275,20 @@ def test_tools_are_validated_once_per_request(tiny_checkpoint, monkeypatch):
     reply = chat_choice(out.outputs[0], request.tools)
     assert [c.name for c in reply.tool_calls] == ["add"]  # the forced call, parsed against the validated tools
     assert len(validations) == 1
+
+
+def test_a_grammar_is_compiled_once_per_request(tiny_checkpoint, monkeypatch):
+    """The client compiles the request's grammar once; each of the n samples gets its own matcher from it."""
+    from xgenmm.sampling_params import StructuredOutputsParams
+    from xgenmm.structured import CompiledGrammar, GrammarCompiler
+
+    compiled, matchers = [], []
+    real_compile, real_matcher = GrammarCompiler.compile_grammar, CompiledGrammar.matcher
+    monkeypatch.setattr(GrammarCompiler, "compile_grammar",
+                        lambda self, params: compiled.append(params) or real_compile(self, params))
+    monkeypatch.setattr(CompiledGrammar, "matcher", lambda self: matchers.append(self) or real_matcher(self))
+    params = SamplingParams(n=3, seed=7, temperature=1.0, max_tokens=8,
+                            structured_outputs=StructuredOutputsParams(choice=["yes", "no", "maybe"]))
+    out = LLM(str(tiny_checkpoint), device="cpu", dtype="float32").generate("Answer:", params)[0]
+    assert {o.text for o in out.outputs} <= {"yes", "no", "maybe"} and len(out.outputs) == 3
+    assert len(compiled) == 1 and len(matchers) == 3 and len({id(m) for m in matchers}) == 1
