@@ -12,6 +12,7 @@ from typing import Any
 
 from .engine.engine_loop import new_request_id
 from .engine_client import POLL_S, EngineClient, RequestStream
+from .input_work import messages_have_images, prompt_has_images, run_input_work
 from .multimodal.image_sources import ImageInputPolicy
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
@@ -23,8 +24,9 @@ class AsyncLLM(EngineClient):
     async def generate(self, prompt: Any, sampling_params: SamplingParams | None = None, request_id: str | None = None,
                        image_policy: ImageInputPolicy | None = None) -> AsyncIterator[RequestOutput]:
         request_id = request_id or new_request_id("async")
-        # Decoding and tiling images is CPU work: keep it off the event loop.
-        prepared = await asyncio.to_thread(self._loop.prepare, prompt, sampling_params, request_id, image_policy)
+        # Decoding and tiling images is CPU work: keep it off the event loop (image requests on their own pool).
+        prepared = await run_input_work(self._loop.prepare, prompt, sampling_params, request_id, image_policy,
+                                        images=prompt_has_images(prompt))
         async for out in self._stream(prepared):
             yield out
 
@@ -33,9 +35,10 @@ class AsyncLLM(EngineClient):
                    image_policy: ImageInputPolicy | None = None,
                    continue_final_message: bool = False) -> AsyncIterator[RequestOutput]:
         # Rendering decodes images (CPU work): keep it off the event loop.
-        prompt = await asyncio.to_thread(self._chat_prompt, messages, tools=tools,
-                                         add_generation_prompt=add_generation_prompt,
-                                         continue_final_message=continue_final_message, image_policy=image_policy)
+        prompt = await run_input_work(self._chat_prompt, messages, tools=tools,
+                                      add_generation_prompt=add_generation_prompt,
+                                      continue_final_message=continue_final_message, image_policy=image_policy,
+                                      images=messages_have_images(messages))
         async for out in self.generate(prompt, sampling_params, request_id, image_policy):
             yield out
 

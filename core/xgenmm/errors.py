@@ -51,3 +51,12 @@ class RequestAbortedError(XGenMMError):
 
 class EngineDeadError(XGenMMError):
     """The engine loop stopped because of an unexpected internal error."""
+
+
+class SchemaTooComplexError(PromptError):
+    """A JSON schema (response_format or tool parameters) needs more work to bound than a request may buy: too many
+    nodes once its `$ref`s are followed, or `$ref` chains too deep. `field` names the request field it came from."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
