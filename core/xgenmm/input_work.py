@@ -2,7 +2,7 @@
 failures mean.
 
 Two bounded thread pools instead of asyncio's default one: requests that carry images prepare on the image pool
-(`IMAGE_WORKERS` threads, as many as the engine decodes at once, so no thread sits waiting for a decode slot) and
+(`IMAGE_WORKERS` threads, no more than the engine decodes at once, so no thread sits waiting for a decode slot) and
 every other request on the text pool. A burst of large images then queues behind itself only: a text request never
 waits for a thread held by an image decode.
 
@@ -28,7 +28,9 @@ __all__ = ["IMAGE_WORKERS", "TEXT_WORKERS", "messages_have_images", "prompt_has_
 
 logger = logging.getLogger("xgenmm.input")
 
-IMAGE_WORKERS = 2  # the engine's default max_concurrent_image_decodes
+# Image decodes run on at most half the cores (at least one; at most the engine's 2 decode slots), so the engine
+# thread and text requests keep a core however many images arrive.
+IMAGE_WORKERS = max(1, min(2, (os.cpu_count() or 2) // 2))
 TEXT_WORKERS = max(4, min(16, (os.cpu_count() or 1) + 2))
 _IMAGE_PART_TYPES = ("image_url", "image", "input_image")
 

@@ -308,10 +308,25 @@ def bound_json_schema(
     options of the cost model (`BOUNDED_JSON_OPTIONS`) are set on the schema's root. Raises `SchemaTooComplexError`
     for a schema whose bounding would cost more than its size (see the module docstring).
     """
+    if _too_many_nodes(schema):  # before copying it: a refused schema costs one cheap count
+        raise SchemaTooComplexError(f"the JSON schema has more than {MAX_SCHEMA_NODES} nodes; simplify it")
     try:
         return _bound(schema, max_tokens, reserve_tokens, max_array_items, x_guidance)
     except RecursionError:
         raise SchemaTooComplexError("the JSON schema nests too deeply to be bounded") from None
+
+
+def _too_many_nodes(schema: Any) -> bool:
+    """More than MAX_SCHEMA_NODES objects and arrays, counted iteratively (before any `$ref` is followed)."""
+    count, stack = 0, [schema]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_SCHEMA_NODES:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend(c for c in children if isinstance(c, (dict, list)))
+    return False
 
 
 def _bound(schema: dict[str, Any], max_tokens: int, reserve_tokens: int, max_array_items: int | None,
