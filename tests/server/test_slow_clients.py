@@ -125,3 +125,18 @@ def test_upload_abandoned_mid_body_is_a_client_event(slow_server):
     assert _counter(slow_server, "disconnected") == left + 3
     assert _counter(slow_server, "server_error") == errors
     _still_serving(slow_server)
+
+
+def test_connections_past_the_limit_get_503_until_others_close(tiny_checkpoint, server_llm):
+    with BackgroundServer(make_config(tiny_checkpoint, max_connections=3, header_timeout_s=30), llm=server_llm) as srv:
+        held = [_connect(srv) for _ in range(3)]
+        try:
+            time.sleep(0.2)
+            assert httpx.get(f"{srv.base_url}/health", timeout=10).status_code == 503
+        finally:
+            for sock in held:
+                sock.close()
+        deadline = time.monotonic() + 5
+        while httpx.get(f"{srv.base_url}/health", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
