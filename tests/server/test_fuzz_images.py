@@ -96,7 +96,8 @@ def _run(processor, data: bytes) -> str:
 
 @pytest.fixture(scope="module")
 def processor(server_llm):
-    return server_llm.engine.input_processor
+    yield server_llm.engine.input_processor
+    print(f"image fuzz: {sum(OUTCOMES.values())} mutated cases, {OUTCOMES}")
 
 
 def test_every_writable_format_was_sampled():
