@@ -4,7 +4,8 @@ failures mean.
 Two bounded thread pools instead of asyncio's default one: requests that carry images prepare on the image pool
 (`IMAGE_WORKERS` threads, no more than the engine decodes at once, so no thread sits waiting for a decode slot) and
 every other request on the text pool. A burst of large images then queues behind itself only: a text request never
-waits for a thread held by an image decode.
+waits for a thread held by an image decode. Image workers also run at a lower CPU priority (Linux: `nice` is per
+thread), so on a small machine the engine thread keeps its core while images decode.
 
 The boundary rule: anything raised while preparing one request's input is that request's fault, so an exception
 that is not already a typed xgenmm error becomes a `PromptError` (a 4xx at the server), logged with its traceback
@@ -39,12 +40,27 @@ _pools: dict[str, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
 
 
+IMAGE_NICENESS = 10  # image workers yield the CPU to the engine thread and text requests (Linux: per thread)
+
+
+def _lower_priority() -> None:
+    """Runs in each image worker: decoding large images must not take the cores the engine steps need."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), IMAGE_NICENESS)
+    except (AttributeError, OSError):  # not Linux, or not permitted: the pool bound alone still holds
+        pass
+
+
 def _pool(kind: str) -> ThreadPoolExecutor:
     with _pools_lock:
         pool = _pools.get(kind)
         if pool is None:
-            workers = IMAGE_WORKERS if kind == "image" else TEXT_WORKERS
-            pool = _pools[kind] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"xgenmm-{kind}-input")
+            if kind == "image":
+                pool = ThreadPoolExecutor(max_workers=IMAGE_WORKERS, thread_name_prefix="xgenmm-image-input",
+                                          initializer=_lower_priority)
+            else:
+                pool = ThreadPoolExecutor(max_workers=TEXT_WORKERS, thread_name_prefix="xgenmm-text-input")
+            _pools[kind] = pool
         return pool
 
 
