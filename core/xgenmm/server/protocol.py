@@ -7,7 +7,6 @@ every other front end; its errors are mapped back to the OpenAI field names.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,22 +91,6 @@ def parse_json_body(raw: bytes) -> dict:
     """The body as a JSON object; malformed, absurdly nested, non-finite, over-long or non-Unicode input is a 400
     naming the field (see body_checks.py), never a RecursionError or a 500."""
     return decode_body(raw)
-
-
-def json_depth(value: Any) -> int:
-    """How deep lists and objects nest in `value` (iterative: no recursion on what a client sent)."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            children = item.values()
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
-        deepest = max(deepest, depth)
-        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
-    return deepest
 
 
 def count_image_parts(messages: list) -> int:
