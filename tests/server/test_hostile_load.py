@@ -53,7 +53,7 @@ def serve(tiny_checkpoint, tmp_path_factory):
     cmd = [sys.executable, "-m", "xgenmm.cli.main", "serve", "--model", str(tiny_checkpoint), "--device", "cpu",
            "--dtype", "float32", "--port", str(port), "--served-model-name", MODEL, "--max-images-per-request", "8",
            "--max-request-bytes", "64MiB", "--kv-cache-memory", "128MiB", "--log-level", "warning",
-           "--header-timeout", "1", "--body-chunk-timeout", "1", "--body-timeout", "3", "--keep-alive-timeout", "2"]
+           "--header-timeout", "1", "--body-chunk-timeout", "1", "--body-timeout", "3"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", XGENMM_API_KEY="")
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)

@@ -77,6 +77,15 @@ def test_trickled_headers_are_cut_off(slow_server):
     _still_serving(slow_server)
 
 
+def test_trickle_after_a_kept_alive_response_is_cut_off(slow_server):
+    sock = _connect(slow_server)
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    took, received = _closed_after(sock, HEADER_S + SLACK_S, trickle=b"GET /health HTTP/1.1\r\nX-Slow: aaaaaaaaaaaa",
+                                   every_s=0.1)  # each byte restarts uvicorn's keep-alive timer, not ours
+    assert received.startswith(b"HTTP/1.1 200") and took >= HEADER_S * 0.8
+    sock.close()
+
+
 def test_silent_connection_is_closed(slow_server):
     sock = _connect(slow_server)
     took, received = _closed_after(sock, HEADER_S + SLACK_S)

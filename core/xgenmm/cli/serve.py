@@ -47,7 +47,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="allow a non-loopback --host without an API key (anyone who can reach it can use it)")
     p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="close a connection that has not sent a complete request's headers this long after it opened "
-                        "or after its last response (default 10)")
+                        "(or, kept alive, after the next request's first byte) (default 10)")
     p.add_argument("--body-chunk-timeout", type=float, default=15.0, metavar="SECONDS",
                    help="answer 408 and close when the next piece of a request body takes longer (default 15)")
     p.add_argument("--body-timeout", type=float, default=60.0, metavar="SECONDS",

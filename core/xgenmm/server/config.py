@@ -39,8 +39,8 @@ class ServerConfig:
     metrics_require_api_key: bool = True  # when an API key is set, /metrics needs it too
     insecure_no_api_key: bool = False  # allow a non-loopback host without an API key
     disconnect_poll_s: float = 0.25  # how often a non-streaming request checks that its client is still there
-    # Slow clients (server/connections.py): seconds to complete a request's headers (from connect, or from the end
-    # of the previous response), to send each body chunk, to send the whole body; idle keep-alive; open connections.
+    # Slow clients (server/connections.py): seconds to complete a request's headers (from connect, or from the next
+    # request's first byte), to send each body chunk, to send the whole body; idle keep-alive; open connections.
     header_timeout_s: float = 10.0
     body_chunk_timeout_s: float = 15.0
     body_timeout_s: float = 60.0

@@ -3,9 +3,10 @@ many connections the server holds at once.
 
 uvicorn's defaults leave a connection open for as long as a client trickles its headers or sits silent before its
 first request (its keep-alive timer only starts after a response, and any byte cancels it). `guarded_h11(...)` is
-uvicorn's h11 protocol with one more timer: from the moment a connection opens (or its last response ends) the client
-has `header_timeout_s` to complete a request's headers, or the connection is closed. Idle keep-alive connections are
-closed after `keep_alive_timeout_s` (uvicorn's timer), and past `max_connections` new connections get a 503
+uvicorn's h11 protocol with one more timer: from the moment a connection opens the client
+has `header_timeout_s` to complete a request's headers, or the connection is closed; on a kept-alive connection the
+clock starts with the first byte of the next request. Idle keep-alive connections are closed after
+`keep_alive_timeout_s` (uvicorn's timer), and past `max_connections` new connections get a 503
 (uvicorn's `limit_concurrency`). Body timeouts (per chunk and in total) are enforced where the body is read
 (`app.read_body_limited`), as a 408 that closes the connection.
 """
@@ -43,10 +44,12 @@ def guarded_h11(header_timeout_s: float) -> type[H11Protocol]:
             if self._header_timer is not None and self.cycle is not self._timed_cycle:
                 self._cancel_header_timer()  # a new request's headers are complete
 
-        def on_response_complete(self) -> None:
-            if not self.transport.is_closing():
-                self._arm_header_timer()  # armed first: a pipelined request handled below cancels it at once
-            super().on_response_complete()
+        def data_received(self, data: bytes) -> None:
+            # The first bytes of a new request on a kept-alive connection start its header clock (until then the
+            # idle connection is uvicorn's keep-alive timer's business).
+            if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
+                self._arm_header_timer()
+            super().data_received(data)
 
         def _arm_header_timer(self) -> None:
             self._cancel_header_timer()
