@@ -19,6 +19,7 @@ from .errors import (
     PromptTooLongError,
     RequestAbortedError,
     SamplingParamsError,
+    SchemaTooComplexError,
     XGenMMError,
 )
 from .llm import LLM

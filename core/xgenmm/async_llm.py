@@ -13,6 +13,7 @@ from typing import Any
 from .chat.request import ChatRequest
 from .client.base import POLL_S, BaseClient, RequestStream
 from .client.request_ids import new_request_id
+from .input_work import messages_have_images, prompt_has_images, run_input_work
 from .multimodal.image_sources import ImageInputPolicy
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
@@ -24,8 +25,9 @@ class AsyncLLM(BaseClient):
     async def generate(self, prompt: Any, sampling_params: SamplingParams | None = None, request_id: str | None = None,
                        image_policy: ImageInputPolicy | None = None) -> AsyncIterator[RequestOutput]:
         request_id = request_id or new_request_id("async")
-        # Decoding and tiling images is CPU work: keep it off the event loop.
-        prepared = await asyncio.to_thread(self.handle.prepare, prompt, sampling_params, request_id, image_policy)
+        # Decoding and tiling images is CPU work: keep it off the event loop (image requests on their own pool).
+        prepared = await run_input_work(self.handle.prepare, prompt, sampling_params, request_id, image_policy,
+                                        images=prompt_has_images(prompt))
         async for out in self._stream(prepared):
             yield out
 
@@ -36,8 +38,10 @@ class AsyncLLM(BaseClient):
         """One conversation (OpenAI-style messages, or a `ChatRequest`) -> its outputs as the engine makes them."""
         request = self._chat_request(messages, sampling_params, tools=tools, add_generation_prompt=add_generation_prompt,
                                      continue_final_message=continue_final_message, image_policy=image_policy)
-        # Rendering, decoding and tiling images is CPU work: keep it off the event loop.
-        prepared = await asyncio.to_thread(self.handle.prepare_chat, request, request_id or new_request_id("async"))
+        # Rendering, decoding and tiling images is CPU work: keep it off the event loop (image requests on their own
+        # pool, so text requests never wait behind image decodes).
+        prepared = await run_input_work(self.handle.prepare_chat, request, request_id or new_request_id("async"),
+                                        images=messages_have_images(request.messages))
         async for out in self._stream(prepared):
             yield out
 

@@ -80,6 +80,18 @@ class EngineDeadError(XGenMMError):
     """The engine loop stopped because of an unexpected internal error."""
 
 
+class SchemaTooComplexError(PromptError):
+    """A JSON schema (response_format or tool parameters) needs more work to bound than a request may buy: too many
+    nodes once its `$ref`s are followed, or `$ref` chains too deep. `field` names the request field it came from."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.field))
+
+
 __all__ = [
     "XGenMMError",
     "CheckpointError",
@@ -93,6 +105,7 @@ __all__ = [
     "PromptError",
     "ImageCountMismatchError",
     "PromptTooLongError",
+    "SchemaTooComplexError",
     "SamplingParamsError",
     "AttentionBackendUnavailableError",
     "RequestAbortedError",

@@ -18,7 +18,8 @@ from typing import Any, Mapping
 
 from .errors import SamplingParamsError
 
-__all__ = ["RequestOutputKind", "SamplingParams", "StructuredOutputsParams", "SAMPLING_EPS", "MAX_LOGPROBS"]
+__all__ = ["RequestOutputKind", "SamplingParams", "StructuredOutputsParams", "SAMPLING_EPS", "MAX_LOGPROBS",
+           "MAX_STOP_STRINGS", "MAX_STOP_BYTES"]
 
 # Temperatures below this are greedy (as vLLM's _SAMPLING_EPS): dividing by them would only overflow.
 SAMPLING_EPS = 1e-5
@@ -26,6 +27,10 @@ SAMPLING_EPS = 1e-5
 MAX_LOGPROBS = 20
 MAX_N = 128  # samples per request (OpenAI's limit); a server may set a lower one
 MAX_TOKENS_LIMIT = 2**31 - 1  # a sanity bound: the engine clamps max_tokens to the context anyway
+# Stop strings are matched on the engine thread: bounded at admission so one request cannot buy everyone's time.
+MAX_STOP_STRINGS = 64
+MAX_STOP_BYTES = 16 * 1024  # all stop strings of a request together, UTF-8
+_SHOWN_CHARS = 200  # how much of an offending value an error message echoes
 
 
 class RequestOutputKind(enum.Enum):
@@ -44,8 +49,18 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _shown(value: Any) -> str:
+    """`repr(value)`, cut short: an error message never echoes a megabyte (or a 5000-digit int) back."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"<an integer of {value.bit_length()} bits>"
+    if isinstance(value, (list, tuple)) and len(value) > 8:
+        return f"<a list of {len(value)} items>"
+    text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "..."
+
+
 def _fail(name: str, value: Any, requirement: str) -> SamplingParamsError:
-    return SamplingParamsError(f"invalid sampling option {name}={value!r}: {requirement}", field=name)
+    return SamplingParamsError(f"invalid sampling option {name}={_shown(value)}: {requirement}", field=name)
 
 
 def _reject_unknown(cls: type, names) -> None:
@@ -232,9 +247,14 @@ class SamplingParams:
             stop = list(stop)
         else:
             raise _fail("stop", self.stop, "must be None, a string or a list of strings")
+        if len(stop) > MAX_STOP_STRINGS:
+            raise _fail("stop", stop, f"at most {MAX_STOP_STRINGS} stop strings per request")
         for s in stop:
             if not isinstance(s, str) or not s:
                 raise _fail("stop", self.stop, "every stop string must be a non-empty string")
+        total = sum(len(s.encode("utf-8", "surrogatepass")) for s in stop)
+        if total > MAX_STOP_BYTES:
+            raise _fail("stop", stop, f"the stop strings total {total} bytes; at most {MAX_STOP_BYTES} per request")
         self.stop = stop
 
     def _normalise_stop_token_ids(self) -> None:

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import PromptError, SamplingParamsError
+from ..errors import PromptError, SamplingParamsError, SchemaTooComplexError
 from ..multimodal.image_sources import ImageInputPolicy
 from ..sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 from ..structured.schema_budget import bound_json_schema
@@ -201,7 +201,10 @@ def _format_constraint(fmt: ResponseFormat, max_tokens: int | None) -> Structure
         return StructuredOutputsParams(json_object=True, whitespace_flexible=False)
     schema = fmt.schema
     if max_tokens is not None:
-        schema = bound_json_schema(schema, max_tokens).schema
+        try:
+            schema = bound_json_schema(schema, max_tokens).schema
+        except SchemaTooComplexError as exc:
+            raise SchemaTooComplexError(f"response_format: {exc}", field="response_format") from None
     return StructuredOutputsParams(json=schema, whitespace_flexible=False)
 
 

@@ -45,6 +45,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="serve /metrics without the API key even when one is set")
     p.add_argument("--insecure-no-api-key", action="store_true",
                    help="allow a non-loopback --host without an API key (anyone who can reach it can use it)")
+    p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="close a connection that has not sent a complete request's headers this long after it opened "
+                        "(or, kept alive, after the next request's first byte) (default 10)")
+    p.add_argument("--body-chunk-timeout", type=float, default=15.0, metavar="SECONDS",
+                   help="answer 408 and close when the next piece of a request body takes longer (default 15)")
+    p.add_argument("--body-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="answer 408 and close when a whole request body takes longer (default 60)")
+    p.add_argument("--keep-alive-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="close an idle keep-alive connection after this long (default 5)")
+    p.add_argument("--max-connections", type=int, default=256,
+                   help="connections (and requests in flight) served at once; more get 503 (default 256)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     add_model_args(p)
     add_engine_args(p)
@@ -71,7 +82,10 @@ def run(args: argparse.Namespace) -> int:
         max_tokens_ceiling=args.max_tokens_ceiling, max_n=args.max_n, max_image_pixels=args.max_image_pixels,
         max_request_image_pixels=args.max_request_image_pixels, allowed_hosts=_names(args.allowed_hosts),
         allowed_origins=_names(args.allowed_origins), metrics_require_api_key=not args.metrics_without_api_key,
-        insecure_no_api_key=args.insecure_no_api_key, engine_options=engine_options(args), log_level=args.log_level)
+        insecure_no_api_key=args.insecure_no_api_key, engine_options=engine_options(args), log_level=args.log_level,
+        header_timeout_s=args.header_timeout, body_chunk_timeout_s=args.body_chunk_timeout,
+        body_timeout_s=args.body_timeout, keep_alive_timeout_s=args.keep_alive_timeout,
+        max_connections=args.max_connections)
     try:
         config.validate()
     except ConfigError as exc:

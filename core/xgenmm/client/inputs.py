@@ -33,7 +33,8 @@ from ..errors import (
 from ..engine.request import CoreInputSpec, PreparedRequest
 from ..multimodal.fusion import fuse_prompt
 from ..multimodal.image_processing import ImageProcessor, ProcessedImage
-from ..multimodal.image_sources import ImageInputPolicy, decode_image, load_image
+from ..multimodal.decode_cost import BUDGET_BYTES_PER_PIXEL, decoded_bytes
+from ..multimodal.image_sources import ImageInputPolicy, decode_image, load_image, user_image_errors
 from ..sampling_params import SamplingParams
 from ..special_tokens import IMAGE_TOKEN_ID
 
@@ -202,6 +203,10 @@ class InputProcessor:
         if limit is not None and total > limit:
             raise ImageTooLargeError(f"request {request_id!r}: its images have {total} pixels together; the limit "
                                      f"per request is {limit}")
+        cost = sum(decoded_bytes(im) for im in images if isinstance(im, Image.Image))
+        if limit is not None and cost > limit * BUDGET_BYTES_PER_PIXEL:
+            raise ImageTooLargeError(f"request {request_id!r}: its images need {cost // 2**20} MiB to decode together; "
+                                     f"the limit per request is {limit * BUDGET_BYTES_PER_PIXEL // 2**20} MiB")
 
     def decode_images(self, images: list[Any], request_id: str, *, tile: bool) -> list[Any]:
         """Decode header-only images one at a time, in place in `images` (at most `max_concurrent_image_decodes` in
@@ -212,7 +217,7 @@ class InputProcessor:
             if isinstance(image, ProcessedImage):
                 continue
             pixels += image.size[0] * image.size[1]
-            with self._decode_slots:
+            with self._decode_slots, user_image_errors(f"image {index}"):
                 decode_image(image, what=f"image {index}")
                 if tile:
                     images[index] = self._tile(image)  # our list no longer holds the decoded pixels

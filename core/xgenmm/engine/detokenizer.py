@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from .stop_matcher import StopMatcher
 from .token_text import ByteFallbackDecoder, WindowDecoder, byte_fallback_table
 
 __all__ = ["IncrementalDetokenizer", "StopStringBuffer"]
@@ -27,59 +28,41 @@ class StopStringBuffer:
     """Finds stop strings across chunk boundaries in a stream of final text and holds back possible beginnings.
 
     The stop string that is complete first in the text wins (earliest end; the longer one on a tie), which is what
-    token-by-token checking gives and does not depend on how the text is chunked. Work per push is
-    O(len(chunk) + longest stop string) per stop string.
+    token-by-token checking gives and does not depend on how the text is chunked. One Aho-Corasick automaton
+    (`StopMatcher`) reads each character once, so the work per push is O(len(chunk)) whatever the number of stop
+    strings.
     """
 
     def __init__(self, stop: Sequence[str] = (), include_stop_str_in_output: bool = False) -> None:
         self.stop = [s for s in stop if s]
         self.include = include_stop_str_in_output
-        self._max_len = max((len(s) for s in self.stop), default=0)
+        self._matcher = StopMatcher(self.stop) if self.stop else None
         self._pending = ""  # final text not released yet (could begin a stop string)
-        self._tail = ""  # last released characters, kept for matches that start in them (include mode)
         self.stop_reason: str | None = None
 
     def push(self, text: str, final: bool = False) -> str:
         """Add final text; return the part that can be released. Sets `stop_reason` when a stop string is found."""
         if self.stop_reason is not None:
             return ""
-        if not self.stop:
+        if self._matcher is None:
             return self._pending_out(text)
-        search = self._tail + self._pending + text
-        found, where, end_at = None, -1, -1
-        for s in self.stop:
-            pos = search.find(s)
-            if pos < 0:
-                continue
-            end = pos + len(s)
-            if found is None or end < end_at or (end == end_at and len(s) > len(found)):
-                found, where, end_at = s, pos, end
-        start = len(self._tail)
+        fresh = self._pending + text
+        found = self._matcher.feed(text)
         if found is not None:
-            self.stop_reason = found
-            end = where + len(found) if self.include else where
+            end, self.stop_reason = found
+            end += len(self._pending)  # index into `fresh` just past the stop string
+            cut = end if self.include else end - len(self.stop_reason)
             self._pending = ""
-            return search[start:max(start, end)]
-        fresh = search[start:]
-        keep = 0 if (final or self.include) else self._held_suffix(fresh)
+            return fresh[:max(0, cut)]
+        # Held back: the longest suffix that may still become a stop string (never reaches into released text,
+        # since that text was released only when no stop string could start in it).
+        keep = 0 if (final or self.include) else min(self._matcher.depth, len(fresh))
         released, self._pending = fresh[: len(fresh) - keep], fresh[len(fresh) - keep :]
-        if released:
-            self._tail = (self._tail + released)[-(self._max_len - 1) :] if self._max_len > 1 else ""
         return released
 
     def _pending_out(self, text: str) -> str:
         out, self._pending = self._pending + text, ""
         return out
-
-    def _held_suffix(self, text: str) -> int:
-        """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
-        best = 0
-        for s in self.stop:
-            for length in range(min(len(s) - 1, len(text)), best, -1):
-                if text.endswith(s[:length]):
-                    best = length
-                    break
-        return best
 
 
 class IncrementalDetokenizer:

@@ -30,6 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 
@@ -149,13 +150,13 @@ def _apply_exif_orientation(image: Image.Image) -> Image.Image:
 
 
 def _sixteen_bit_to_rgb(image: Image.Image) -> Image.Image:
-    """Rescale a 16-bit single-channel image to 8 bits (``round(v*255/65535)``) and replicate it to RGB."""
-    as_int32 = image.convert("I")  # exact for every 16-bit value
-    width, height = as_int32.size
-    values = torch.frombuffer(bytearray(as_int32.tobytes("raw", "I")), dtype=torch.int32).to(torch.int64)
-    eight_bit = ((values.clamp(0, 65535) * 255 + 32767) // 65535).to(torch.uint8)
-    gray = Image.frombytes("L", (width, height), eight_bit.numpy().tobytes())
-    return gray.convert("RGB")
+    """Rescale a 16-bit single-channel image to 8 bits (``round(v*255/65535)``) and replicate it to RGB. Done on the
+    uint16 array with one uint32 temporary (decode_cost.py counts these bytes against the image budget)."""
+    values = np.asarray(image)
+    if values.dtype.kind not in "ui" or values.dtype.itemsize != 2:
+        values = np.asarray(image.convert("I"), dtype=np.int64).clip(0, 65535)
+    eight_bit = ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    return Image.fromarray(eight_bit, "L").convert("RGB")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -8,26 +8,29 @@ local path (``str`` / ``os.PathLike``) and the OpenAI ``{"url": ...}`` object.
 Defaults are closed: no remote fetches, no local files. Remote fetching and its SSRF guard live in
 ``remote_fetch.py``. Every image is decoded in
 full here (``img.load()``) so corrupt or truncated data fails in this call, and only common raster formats are
-opened (never EPS and friends, which can run external programs).
+opened (never EPS and friends, which can run external programs). Whatever a decoder raises on a user's bytes (not only
+OSError: plugins raise TypeError, RuntimeError, ZeroDivisionError... on hostile files) is an ``ImageError``; the
+header's mode and size are checked against the decode-memory budget (decode_cost.py) before any pixel is decoded.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import os
 import re
 import stat
-import struct
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from PIL import Image, UnidentifiedImageError
 
-from xgenmm.errors import ConfigError, ImageError, ImageSourceNotAllowedError, ImageTooLargeError
+from xgenmm.errors import ConfigError, ImageError, ImageSourceNotAllowedError, ImageTooLargeError, XGenMMError
+from xgenmm.multimodal.decode_cost import check_decoded_bytes
 from xgenmm.multimodal.remote_fetch import MAX_REDIRECTS, check_byte_limit, fetch_remote_image, is_public_address
 from xgenmm.multimodal.image_processing import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -45,6 +48,7 @@ __all__ = [
     "is_public_address",
     "load_image",
     "decode_image",
+    "user_image_errors",
     "MAX_IMAGE_REF_DEPTH",
 ]
 
@@ -156,6 +160,7 @@ def decode_image(image: Image.Image, what: str = "image") -> Image.Image:
 def _open_image(source: Any, policy: ImageInputPolicy, what: str) -> Image.Image:
     if isinstance(source, Image.Image):
         check_image_pixels(source.size, policy.max_image_pixels, what=what)
+        check_decoded_bytes(source, policy.max_image_pixels, what)
         return source
     if isinstance(source, (bytes, bytearray, memoryview)):
         return _decode_image_bytes(bytes(source), policy, what)
@@ -227,10 +232,29 @@ def _decode_image_bytes(
         raise ImageError(
             f"{what}: data is not a supported image{hint}; supported formats: {', '.join(_available_safe_formats())}"
         ) from exc
-    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
-        raise ImageError(f"{what}: cannot read image header: {exc}") from exc
+    except Exception as exc:  # a user's bytes: whatever a decoder raises on them is that request's ImageError
+        raise ImageError(f"{what}: cannot read image header: {_reason(exc)}") from exc
     check_image_pixels(image.size, policy.max_image_pixels, what=what)
+    check_decoded_bytes(image, policy.max_image_pixels, what)
     return image
+
+
+@contextlib.contextmanager
+def user_image_errors(what: str = "image") -> Iterator[None]:
+    """Work on one user's image (decoding, converting, tiling): anything it raises that is not already one of our
+    typed errors becomes that request's ``ImageError`` (the image is at fault, not the server)."""
+    try:
+        yield
+    except XGenMMError:
+        raise
+    except Exception as exc:
+        raise ImageError(f"{what}: the image cannot be processed: {type(exc).__name__}: {_reason(exc)}") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """A decoder's complaint, short (some echo the bytes they choked on)."""
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def _load_pixels(image: Image.Image, what: str) -> None:
@@ -238,8 +262,8 @@ def _load_pixels(image: Image.Image, what: str) -> None:
         image.load()
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"{what}: {exc}") from exc
-    except (OSError, ValueError, SyntaxError, EOFError, struct.error, MemoryError) as exc:
-        raise ImageError(f"{what}: image data is corrupt or truncated: {exc}") from exc
+    except Exception as exc:  # TypeError / RuntimeError / ZeroDivisionError... from a plugin on hostile bytes
+        raise ImageError(f"{what}: image data is corrupt or truncated: {_reason(exc)}") from exc
 
 
 def _available_safe_formats() -> tuple[str, ...]:

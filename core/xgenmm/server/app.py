@@ -8,12 +8,14 @@ serves it; pass `llm=` to serve an `AsyncLLM` you already have. Every request fi
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -37,14 +39,30 @@ def _error_response(err: OpenAIError, headers: dict | None = None) -> JSONRespon
     return JSONResponse(err.to_dict(), status_code=err.status, headers=headers)
 
 
-async def read_body_limited(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) anything over `limit` bytes before reading it all."""
+async def read_body_limited(request: Request, limit: int, chunk_timeout_s: float | None = None,
+                            total_timeout_s: float | None = None) -> bytes:
+    """The request body, refusing (413) anything over `limit` bytes before reading it all, and (408, closing the
+    connection) a body whose next chunk takes over `chunk_timeout_s` or whose whole takes over `total_timeout_s`.
+    A client that goes away mid-body raises starlette's `ClientDisconnect`."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise OpenAIError(f"the request body is {int(declared)} bytes; the limit is {limit} "
                           "(xgenmm serve --max-request-bytes)", 413, param=None, code="request_too_large")
+    loop = asyncio.get_running_loop()
+    deadline = None if total_timeout_s is None else loop.time() + total_timeout_s
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = request.stream().__aiter__()
+    while True:
+        wait = chunk_timeout_s
+        if deadline is not None:
+            wait = min(wait, deadline - loop.time()) if wait is not None else deadline - loop.time()
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), timeout=max(wait, 0.0) if wait is not None else None)
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise OpenAIError("the request body was sent too slowly (xgenmm serve --body-chunk-timeout / "
+                              "--body-timeout)", 408, param=None, code="request_timeout") from None
         size += len(chunk)
         if size > limit:
             raise OpenAIError(f"the request body exceeds the limit of {limit} bytes (xgenmm serve --max-request-bytes)",
@@ -80,6 +98,8 @@ def build_app(config: ServerConfig, llm: AsyncLLM | None = None) -> FastAPI:
     async def _openai_error(_: Request, exc: OpenAIError):
         metrics.count_error(exc.status)
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        if exc.status == 408:
+            headers = {"Connection": "close"}  # the rest of a slow body is never read: the connection cannot go on
         return _error_response(exc, headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -136,7 +156,12 @@ def build_app(config: ServerConfig, llm: AsyncLLM | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_api_key)])
     async def chat_completions(request: Request):
-        raw = await read_body_limited(request, config.max_request_bytes)
+        try:
+            raw = await read_body_limited(request, config.max_request_bytes, config.body_chunk_timeout_s,
+                                          config.body_timeout_s)
+        except ClientDisconnect:  # the client left mid-upload: its event, not a server error
+            metrics.requests.labels("disconnected").inc()
+            return Response(status_code=499)
         try:
             body = parse_json_body(raw)
             result = await service.create(body, request.is_disconnected)

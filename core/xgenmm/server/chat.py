@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from ..async_llm import AsyncLLM
 from ..chat.reply import ChoiceStream, chat_choice, usage_of
 from ..client.request_ids import new_request_id
+from ..input_work import run_input_work
 from ..errors import ImageError, PromptError, XGenMMError
 from ..outputs import RequestOutput
 from ..tool_calls import TOOL_CALL_OPEN
@@ -44,8 +45,13 @@ class ChatCompletionService:
 
     # ---- entry point ---------------------------------------------------------------------------------------------
     async def create(self, body: dict, is_disconnected: Callable[[], Awaitable[bool]]) -> dict | AsyncIterator[str]:
-        req = parse_chat_request(body, max_tokens_default=self.config.max_tokens_default, max_n=self.config.max_n,
-                                 max_tokens_ceiling=self.config.max_tokens_ceiling)
+        # Validation bounds schemas (linear in their size, capped): still CPU work, so off the event loop.
+        try:
+            req = await run_input_work(parse_chat_request, body, max_tokens_default=self.config.max_tokens_default,
+                                       max_n=self.config.max_n, max_tokens_ceiling=self.config.max_tokens_ceiling,
+                                       images=False, passthrough=(OpenAIError,))
+        except XGenMMError as exc:
+            raise self._request_error(exc) from None
         self._check_model(req)
         if req.num_images > self.config.max_images_per_request:
             limit = self.config.max_images_per_request
@@ -77,7 +83,7 @@ class ChatCompletionService:
                               code="model_not_found")
 
     def _request_error(self, exc: BaseException) -> OpenAIError:
-        param = "messages" if isinstance(exc, (ImageError, PromptError)) else None
+        param = getattr(exc, "field", None) or ("messages" if isinstance(exc, (ImageError, PromptError)) else None)
         err = error_from_exception(exc, param)
         if err.status >= 500:
             logger.error("request failed: %r", exc, exc_info=not isinstance(exc, XGenMMError))

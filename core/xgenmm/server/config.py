@@ -39,6 +39,13 @@ class ServerConfig:
     metrics_require_api_key: bool = True  # when an API key is set, /metrics needs it too
     insecure_no_api_key: bool = False  # allow a non-loopback host without an API key
     disconnect_poll_s: float = 0.25  # how often a non-streaming request checks that its client is still there
+    # Slow clients (server/connections.py): seconds to complete a request's headers (from connect, or from the next
+    # request's first byte), to send each body chunk, to send the whole body; idle keep-alive; open connections.
+    header_timeout_s: float = 10.0
+    body_chunk_timeout_s: float = 15.0
+    body_timeout_s: float = 60.0
+    keep_alive_timeout_s: float = 5.0
+    max_connections: int = 256
     engine_options: dict[str, Any] = field(default_factory=dict)  # passed to AsyncLLM (kv cache size, ...)
     log_level: str = "info"
 
@@ -72,7 +79,8 @@ class ServerConfig:
             raise ConfigError(f"refusing to serve on {self.host} without an API key: anyone who can reach it could "
                               f"use it. Set --api-key (or ${API_KEY_ENV}), or pass --insecure-no-api-key")
         for name in ("max_n", "max_tokens_ceiling", "max_image_pixels", "max_request_image_pixels",
-                     "max_images_per_request", "max_request_bytes", "max_image_bytes"):
+                     "max_images_per_request", "max_request_bytes", "max_image_bytes", "header_timeout_s",
+                     "body_chunk_timeout_s", "body_timeout_s", "keep_alive_timeout_s", "max_connections"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
 

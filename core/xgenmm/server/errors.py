@@ -31,15 +31,21 @@ class OpenAIError(Exception):
 
     def __init__(self, message: str, status: int = 400, type: str = INVALID_REQUEST, param: str | None = None,
                  code: str | None = None):
+        message = _encodable(message)
         super().__init__(message)
         self.message = message
         self.status = status
         self.type = type
-        self.param = param
+        self.param = _encodable(param) if param is not None else None
         self.code = code
 
     def to_dict(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _encodable(text: str) -> str:
+    """Error text may echo what a client sent: lone surrogates become `\\udXXX` escapes, so it always encodes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass(frozen=True)

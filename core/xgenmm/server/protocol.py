@@ -7,7 +7,6 @@ every other front end; its errors are mapped back to the OpenAI field names.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +19,7 @@ from ..chat.request import (
 )
 from ..errors import PromptError, SamplingParamsError
 from ..sampling_params import MAX_LOGPROBS, RequestOutputKind, SamplingParams
+from .body_checks import MAX_JSON_DEPTH, decode_body, safe_text  # noqa: F401 (MAX_JSON_DEPTH re-exported)
 from .errors import OpenAIError
 
 # Fields a client may send that change nothing here (OpenAI bookkeeping).
@@ -86,38 +86,10 @@ def _expect(body: dict, name: str, types: tuple[type, ...], what: str) -> Any:
     return value
 
 
-MAX_JSON_DEPTH = 32  # a chat request nests ~6 deep (messages / content / image_url / ...); schemas a little more
-
-
 def parse_json_body(raw: bytes) -> dict:
-    """The body as a JSON object; malformed or absurdly nested bodies are a 400, never a RecursionError."""
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad(f"the request body is not valid JSON: {exc}", None, "invalid_json") from None
-    except RecursionError:
-        raise _bad(f"the request body nests deeper than {MAX_JSON_DEPTH} levels", None, "invalid_json") from None
-    if not isinstance(body, dict):
-        raise _bad(f"the request body must be a JSON object, got {type(body).__name__}", None, "invalid_json")
-    if json_depth(body) > MAX_JSON_DEPTH:
-        raise _bad(f"the request body nests deeper than {MAX_JSON_DEPTH} levels", None, "invalid_json")
-    return body
-
-
-def json_depth(value: Any) -> int:
-    """How deep lists and objects nest in `value` (iterative: no recursion on what a client sent)."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            children = item.values()
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
-        deepest = max(deepest, depth)
-        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
-    return deepest
+    """The body as a JSON object; malformed, absurdly nested, non-finite, over-long or non-Unicode input is a 400
+    naming the field (see body_checks.py), never a RecursionError or a 500."""
+    return decode_body(raw)
 
 
 def count_image_parts(messages: list) -> int:
@@ -194,7 +166,8 @@ def parse_chat_request(body: dict, *, max_tokens_default: int | None = None, max
     `max_tokens_ceiling` are the server's limits (a max_tokens up to the ceiling is clamped to the context later)."""
     unknown = sorted(set(body) - KNOWN_FIELDS)
     if unknown:
-        raise _bad(f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0], "unknown_parameter")
+        shown = ", ".join(safe_text(name, 64) for name in unknown[:8])
+        raise _bad(f"unrecognized request argument(s): {shown}", safe_text(unknown[0], 64), "unknown_parameter")
     model = _expect(body, "model", (str,), "a string")
     if not model:
         raise _bad("'model' is required", "model")
@@ -255,7 +228,9 @@ def parse_chat_request(body: dict, *, max_tokens_default: int | None = None, max
             param = max_param
         raise OpenAIError(str(exc), 400, param=param, code="invalid_sampling_option") from None
     except PromptError as exc:
-        raise OpenAIError(str(exc), 400, param="tools", code="invalid_tools") from None
+        param = getattr(exc, "field", None) or "tools"
+        raise OpenAIError(str(exc), 400, param=param, code="invalid_tools" if param == "tools" else "invalid_request") \
+            from None
     return ChatCompletionRequest(
         model=model, chat=chat, stream=stream, include_usage=bool(stream_options.get("include_usage")),
         logprobs=logprobs, top_logprobs=top_logprobs or 0, num_images=count_image_parts(messages),

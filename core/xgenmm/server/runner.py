@@ -12,11 +12,13 @@ import uvicorn
 from ..async_llm import AsyncLLM
 from .app import build_app
 from .config import ServerConfig
+from .connections import uvicorn_options
 
 
 def run_server(config: ServerConfig, llm: AsyncLLM | None = None) -> None:
     app = build_app(config, llm)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level, timeout_graceful_shutdown=5,
+                **uvicorn_options(config))
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -35,7 +37,8 @@ class BackgroundServer:
         self.app = build_app(config, llm)
         # log_config=None: leave the host process's logging alone (uvicorn's records propagate to its handlers).
         self._server = uvicorn.Server(uvicorn.Config(self.app, host=config.host, port=config.port, log_config=None,
-                                                     log_level="warning", timeout_graceful_shutdown=2))
+                                                     log_level="warning", timeout_graceful_shutdown=2,
+                                                     **uvicorn_options(config)))
         self._thread = threading.Thread(target=self._server.run, name="xgenmm-server", daemon=True)
         self._start_timeout_s = start_timeout_s
 

@@ -90,6 +90,14 @@ def _first_line(message: str) -> str:
     return head.splitlines()[0] if head.count("\n") > 8 else head
 
 
+# The compile-time budget of one request's grammar, in llguidance's deterministic units (the library's defaults,
+# stated here on purpose): lexer fuel ~50k/ms at build (1M: ~20 ms of regex analysis) and ~14k/ms per token step,
+# at most 500k grammar symbols and 250k lexer states. Over a limit the grammar is refused (SamplingParamsError);
+# construction runs off the event loop and without the GIL. Errors never echo the grammar (verbose_errors=False).
+COMPILE_LIMITS = dict(initial_lexer_fuel=1_000_000, step_lexer_fuel=200_000, step_max_items=50_000,
+                      max_lexer_states=250_000, max_grammar_size=500_000, verbose_errors=False)
+
+
 class GrammarCompiler:
     """Turns `StructuredOutputsParams` into fresh `GrammarMatcher`s for one tokenizer.
 
@@ -138,11 +146,12 @@ class GrammarCompiler:
     def _build(self, params: StructuredOutputsParams) -> llguidance.LLMatcher:
         spec = grammar_spec(params)
         kind = params.kind
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(spec, self.ll_tokenizer)
+        limits = llguidance.LLParserLimits(**COMPILE_LIMITS)
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(spec, self.ll_tokenizer, limits=limits)
         if is_error:
             raise SamplingParamsError(f"invalid structured_outputs.{kind}: {_first_line(messages[0])}",
                                       field=f"structured_outputs.{kind}")
-        matcher = llguidance.LLMatcher(self.ll_tokenizer, spec, log_level=0)
+        matcher = llguidance.LLMatcher(self.ll_tokenizer, spec, log_level=0, limits=limits)
         if matcher.is_error():
             raise SamplingParamsError(f"invalid structured_outputs.{kind}: {_first_line(matcher.get_error())}",
                                       field=f"structured_outputs.{kind}")

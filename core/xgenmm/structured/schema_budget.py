@@ -12,6 +12,12 @@ whitespace; `json.dumps` separators count as 2 bytes), a string character is at 
 limited to the two-byte ones), a number costs its characters. Values the schema fixes (enum / const / booleans /
 null) cost their longest spelling. Parts we cannot bound (free-form objects, strings with a `pattern` or `format`,
 recursive `$ref`s) are left as they are and reported in `BoundedSchema.unbounded`.
+
+Bounded work: a schema comes from a request, so bounding it must cost what its size costs. Each `$ref` target is
+costed once and reused (a DAG of references that expands exponentially stays linear), the nodes visited per pass
+are capped (`MAX_SCHEMA_NODES`) and so is the length of `$ref` chains (`MAX_REF_DEPTH`); beyond either the schema is
+refused with `SchemaTooComplexError`. Array sizes are clamped (`MAX_ARRAY_ITEMS`) and costs saturate, so absurd
+`minItems` / `maxItems` cannot overflow a float.
 """
 
 from __future__ import annotations
@@ -21,7 +27,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["BoundedSchema", "bound_json_schema", "BOUNDED_JSON_OPTIONS"]
+from ..errors import SchemaTooComplexError
+
+__all__ = ["BoundedSchema", "bound_json_schema", "BOUNDED_JSON_OPTIONS", "MAX_SCHEMA_NODES", "MAX_REF_DEPTH"]
+
+MAX_SCHEMA_NODES = 20_000  # schema nodes visited per pass, `$ref`s followed (a large real schema has a few hundred)
+MAX_REF_DEPTH = 64  # `$ref`s followed inside each other
+MAX_ARRAY_ITEMS = 2**31 - 1  # larger minItems / maxItems are treated as this
+_SATURATED = 10**300  # costs stop growing here (still far over any budget; converts to a float)
 
 # llguidance options that make the cost model hold: compact separators, only two-byte escapes.
 BOUNDED_JSON_OPTIONS: dict[str, Any] = {
@@ -53,7 +66,7 @@ class _Cost:
     numbers: float = 0.0  # open number / integer leaves (each gets min(allowance, NUMBER_BYTES))
 
     def total(self, allowance: int) -> float:
-        return self.fixed + self.leaves * allowance + self.numbers * min(allowance, NUMBER_BYTES)
+        return min(self.fixed, _SATURATED) + self.leaves * allowance + self.numbers * min(allowance, NUMBER_BYTES)
 
 
 class _Bounder:
@@ -62,12 +75,25 @@ class _Bounder:
         self.defs = root.get("$defs") or root.get("definitions") or {}
         self.max_array_items = max_array_items
         self.unbounded: list[str] = []
+        self.visits = 0
+        self.recursion_cuts = 0  # how many recursive refs were cut so far (a cost that saw none can be reused)
+        self.ref_costs: dict[str, _Cost] = {}
+        self.applied_refs: set[str] = set()
+
+    def visit(self, stack: tuple[str, ...]) -> None:
+        self.visits += 1
+        if self.visits > MAX_SCHEMA_NODES:
+            raise SchemaTooComplexError(f"the JSON schema has more than {MAX_SCHEMA_NODES} nodes once its $refs are "
+                                        "followed; simplify it")
+        if len(stack) > MAX_REF_DEPTH:
+            raise SchemaTooComplexError(f"the JSON schema follows $refs more than {MAX_REF_DEPTH} deep")
 
     def resolve(self, node: dict[str, Any], stack: tuple[str, ...]) -> tuple[dict[str, Any] | None, tuple[str, ...]]:
         ref = node.get("$ref")
         if not isinstance(ref, str):
             return node, stack
         if ref in stack:
+            self.recursion_cuts += 1
             return None, stack  # recursive
         for prefix in ("#/$defs/", "#/definitions/"):
             if ref.startswith(prefix):
@@ -78,12 +104,24 @@ class _Bounder:
 
     # ---- pass 1: cost ----------------------------------------------------------------------------------------
     def cost(self, node: Any, stack: tuple[str, ...] = ()) -> _Cost:
+        self.visit(stack)
         if not isinstance(node, dict):
             return _Cost(fixed=8)  # `true` / `{}` schema: treat as a small value
-        target, stack = self.resolve(node, stack)
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref in self.ref_costs:
+            return copy.copy(self.ref_costs[ref])
+        cuts = self.recursion_cuts
+        target, inner_stack = self.resolve(node, stack)
         if target is None:
             return _Cost(leaves=1)
-        node = target
+        if target is node:
+            return self._cost_of_node(node, stack)
+        cost = self._cost_of_node(target, inner_stack)
+        if self.recursion_cuts == cuts:  # nothing below was cut for recursion: the same wherever it is used
+            self.ref_costs[ref] = copy.copy(cost)
+        return cost
+
+    def _cost_of_node(self, node: dict[str, Any], stack: tuple[str, ...]) -> _Cost:
         if "const" in node:
             return _Cost(fixed=len(json.dumps(node["const"], ensure_ascii=False).encode()))
         if isinstance(node.get("enum"), list) and node["enum"]:
@@ -112,7 +150,7 @@ class _Bounder:
             items = node.get("items", {})
             n = self._array_cap(node)
             inner = self.cost(items, stack)
-            return _Cost(fixed=2 + n * (inner.fixed + SEPARATOR_BYTES), leaves=n * inner.leaves,
+            return _Cost(fixed=min(2 + n * (inner.fixed + SEPARATOR_BYTES), _SATURATED), leaves=n * inner.leaves,
                          numbers=n * inner.numbers)
         if kind == "object":
             props = node.get("properties")
@@ -121,7 +159,8 @@ class _Bounder:
             total = _Cost(fixed=2)
             for name, sub in props.items():
                 inner = self.cost(sub, stack)
-                total.fixed += len(json.dumps(name, ensure_ascii=False).encode()) + 2 * SEPARATOR_BYTES + inner.fixed
+                total.fixed = min(total.fixed + len(json.dumps(name, ensure_ascii=False).encode())
+                                  + 2 * SEPARATOR_BYTES + inner.fixed, _SATURATED)
                 total.leaves += inner.leaves
                 total.numbers += inner.numbers
             return total
@@ -131,15 +170,20 @@ class _Bounder:
         existing = node.get("maxItems")
         minimum = node.get("minItems", 0) if isinstance(node.get("minItems"), int) else 0
         cap = existing if isinstance(existing, int) else max(self.max_array_items, minimum)
-        return max(cap, 0)
+        return min(max(cap, 0), MAX_ARRAY_ITEMS)
 
     # ---- pass 2: apply ---------------------------------------------------------------------------------------
     def apply(self, node: Any, allowance: int, path: str = "#", stack: tuple[str, ...] = ()) -> None:
+        self.visit(stack)
         if not isinstance(node, dict):
             return
         ref = node.get("$ref")
         if isinstance(ref, str):
+            if ref in self.applied_refs and ref not in stack:
+                return  # its target (one shared dict) is bounded already, with this same allowance
             target, new_stack = self.resolve(node, stack)
+            if target is not None:
+                self.applied_refs.add(ref)
             if target is None:
                 self.unbounded.append(path)
             else:
@@ -261,8 +305,32 @@ def bound_json_schema(
     """A copy of `schema` whose longest accepted (compact) JSON value fits `max_tokens - reserve_tokens` tokens.
 
     `reserve_tokens` covers text around the value (e.g. tags) and the end-of-turn token. With `x_guidance` the llguidance
-    options of the cost model (`BOUNDED_JSON_OPTIONS`) are set on the schema's root.
+    options of the cost model (`BOUNDED_JSON_OPTIONS`) are set on the schema's root. Raises `SchemaTooComplexError`
+    for a schema whose bounding would cost more than its size (see the module docstring).
     """
+    if _too_many_nodes(schema):  # before copying it: a refused schema costs one cheap count
+        raise SchemaTooComplexError(f"the JSON schema has more than {MAX_SCHEMA_NODES} nodes; simplify it")
+    try:
+        return _bound(schema, max_tokens, reserve_tokens, max_array_items, x_guidance)
+    except RecursionError:
+        raise SchemaTooComplexError("the JSON schema nests too deeply to be bounded") from None
+
+
+def _too_many_nodes(schema: Any) -> bool:
+    """More than MAX_SCHEMA_NODES objects and arrays, counted iteratively (before any `$ref` is followed)."""
+    count, stack = 0, [schema]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_SCHEMA_NODES:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend(c for c in children if isinstance(c, (dict, list)))
+    return False
+
+
+def _bound(schema: dict[str, Any], max_tokens: int, reserve_tokens: int, max_array_items: int | None,
+           x_guidance: bool) -> BoundedSchema:
     out = copy.deepcopy(dict(schema))
     if max_array_items is None:  # scale with the budget: 2 items at 100 tokens, 8 at 512, 16 from 1024
         max_array_items = max(2, min(16, max_tokens // 64))
@@ -272,8 +340,7 @@ def bound_json_schema(
     allowance = _largest_allowance(cost, budget)
     if allowance < 3 and max_array_items > 1:
         # Not even three bytes a leaf: fewer array items may help; otherwise the budget is simply too small.
-        return bound_json_schema(schema, max_tokens, reserve_tokens=reserve_tokens,
-                                 max_array_items=max(1, max_array_items // 2), x_guidance=x_guidance)
+        return _bound(schema, max_tokens, reserve_tokens, max(1, max_array_items // 2), x_guidance)
     allowance = max(allowance, 3)
     bounder.apply(out, allowance)
     if x_guidance:

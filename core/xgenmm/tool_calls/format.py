@@ -120,8 +120,9 @@ def _openai_call_parts(call: Mapping[str, Any], index: int) -> tuple[str, dict[s
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments) if arguments.strip() else {}
-        except ValueError as exc:
-            raise PromptError(f"tool call {index} ({fn['name']}): arguments are not valid JSON: {exc}") from None
+        except (ValueError, RecursionError) as exc:  # RecursionError: a string nested thousands of levels deep
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+            raise PromptError(f"tool call {index} ({fn['name']}): arguments are not valid JSON: {reason}") from None
     if arguments is None:
         arguments = {}
     if not isinstance(arguments, Mapping):

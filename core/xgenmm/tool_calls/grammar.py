@@ -8,7 +8,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..errors import PromptError
+from ..errors import PromptError, SchemaTooComplexError
 from ..sampling_params import StructuredOutputsParams
 from ..structured.schema_budget import BOUNDED_JSON_OPTIONS, bound_json_schema
 from .choice import normalize_tools, resolve_tool_choice
@@ -45,7 +45,10 @@ def _call_schema(tool: Mapping[str, Any], strict: bool, max_tokens: int | None) 
     if max_tokens is not None:
         # Everything around the arguments: tags, newlines, the name envelope and the end-of-turn token.
         envelope = len(render_tool_call(fn["name"], {}).encode()) - 2 + 1
-        params = bound_json_schema(params, max_tokens, reserve_tokens=envelope, x_guidance=False).schema
+        try:
+            params = bound_json_schema(params, max_tokens, reserve_tokens=envelope, x_guidance=False).schema
+        except SchemaTooComplexError as exc:
+            raise SchemaTooComplexError(f"tool {fn['name']!r} parameters: {exc}", field="tools") from None
     return {
         "type": "object",
         "properties": {"name": {"const": fn["name"]}, "arguments": params},
