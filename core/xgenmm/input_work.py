@@ -15,17 +15,19 @@ so a real bug stays visible. Engine faults (`EngineDeadError`, ...) are typed an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from .errors import PromptError, XGenMMError
 
-__all__ = ["IMAGE_WORKERS", "TEXT_WORKERS", "messages_have_images", "prompt_has_images", "run_input_work"]
+__all__ = ["IMAGE_WORKERS", "TEXT_WORKERS", "input_boundary", "messages_have_images", "prompt_has_images",
+           "run_input_work"]
 
 logger = logging.getLogger("xgenmm.input")
 
@@ -82,17 +84,25 @@ def prompt_has_images(prompt: Any) -> bool:
     return isinstance(mm, Mapping) and bool(mm.get("image"))
 
 
-async def run_input_work(fn: Callable[..., T], *args: Any, images: bool,
-                         passthrough: tuple[type[BaseException], ...] = (), **kwargs: Any) -> T:
-    """`fn(*args, **kwargs)` on the image or text pool. An exception that is neither a typed xgenmm error nor one of
-    `passthrough` (a front end's own error type) becomes a `PromptError` naming what went wrong."""
-    loop = asyncio.get_running_loop()
-    call = functools.partial(fn, *args, **kwargs)
+@contextlib.contextmanager
+def input_boundary(passthrough: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """The boundary rule for one request's input work, wherever it runs (every front end's `prepare`): an exception
+    that is neither a typed xgenmm error nor one of `passthrough` becomes a `PromptError` naming what went wrong,
+    logged with its traceback so a real bug stays visible."""
     try:
-        return await loop.run_in_executor(_pool("image" if images else "text"), call)
+        yield
     except (XGenMMError, *passthrough):
         raise
     except Exception as exc:
         logger.warning("a request's input could not be processed", exc_info=True)
         raise PromptError(f"the request's input could not be processed ({type(exc).__name__}: "
                           f"{str(exc)[:200]})") from exc
+
+
+async def run_input_work(fn: Callable[..., T], *args: Any, images: bool,
+                         passthrough: tuple[type[BaseException], ...] = (), **kwargs: Any) -> T:
+    """`fn(*args, **kwargs)` on the image or text pool, under `input_boundary(passthrough)`."""
+    loop = asyncio.get_running_loop()
+    call = functools.partial(fn, *args, **kwargs)
+    with input_boundary(passthrough):
+        return await loop.run_in_executor(_pool("image" if images else "text"), call)

@@ -16,6 +16,7 @@ from ..chat.template import engine_chat_renderer
 from ..engine.core_loop import CoreLoop, Sink
 from ..engine.request import PreparedRequest
 from ..errors import PromptError
+from ..input_work import input_boundary
 from ..multimodal.image_processing import ImageProcessor
 from ..multimodal.image_sources import ImageInputPolicy
 from ..placement import Placement
@@ -61,8 +62,10 @@ class EngineHandle:
     # ---- request preparation (any thread) -------------------------------------------------------------------------
     def prepare(self, prompt: Any, params: SamplingParams | None, request_id: str | None = None,
                 image_policy: ImageInputPolicy | None = None) -> PreparedRequest:
-        """A vLLM-shaped prompt -> a request the core can run; every input error is raised here."""
-        return self.inputs.process(prompt, params, request_id or new_request_id(), image_policy)
+        """A vLLM-shaped prompt -> a request the core can run; every input error is raised here, typed
+        (`input_boundary`: whatever front end called)."""
+        with input_boundary():
+            return self.inputs.process(prompt, params, request_id or new_request_id(), image_policy)
 
     def prepare_chat(self, request: ChatRequest, request_id: str | None = None) -> PreparedRequest:
         """One `ChatRequest` -> a request the core can run: rendered with the chat template, each image opened once
@@ -71,11 +74,12 @@ class EngineHandle:
             raise PromptError(f"prepare_chat needs a ChatRequest (xgenmm.chat.build_chat_request), got "
                               f"{type(request).__name__}")
         policy = request.image_policy or self.image_policy
-        rendered = self.chat_renderer.render(request.messages, add_generation_prompt=request.add_generation_prompt,
-                                             image_policy=policy, tools=request.tools,
-                                             continue_final_message=request.continue_final_message)
-        return self.inputs.process_opened(rendered.text, rendered.prompt_token_ids, rendered.images, request.params,
-                                          request_id or new_request_id(), policy)
+        with input_boundary():
+            rendered = self.chat_renderer.render(request.messages, add_generation_prompt=request.add_generation_prompt,
+                                                 image_policy=policy, tools=request.tools,
+                                                 continue_final_message=request.continue_final_message)
+            return self.inputs.process_opened(rendered.text, rendered.prompt_token_ids, rendered.images,
+                                              request.params, request_id or new_request_id(), policy)
 
     # ---- the core loop (any thread) --------------------------------------------------------------------------------
     def submit(self, request: PreparedRequest, sink: Sink) -> None:
