@@ -172,7 +172,7 @@ class XGenMM(FunctionCallingLLM):
         response_format = kwargs.pop("response_format", None)
         params = self._sampling_params(kwargs)
         default = self.structured_outputs
-        structured = default(messages) if callable(default) else default
+        structured = _constraint_for(default, messages, params.max_tokens) if callable(default) else default
         if isinstance(structured, dict):
             from xgenmm.sampling_params import StructuredOutputsParams
 
@@ -359,6 +359,18 @@ class XGenMM(FunctionCallingLLM):
             detail = f"; invalid tool calls: {invalid}" if invalid else ""
             raise ValueError(f"Expected at least one tool call, but the model made none{detail}")
         return selections
+
+
+def _constraint_for(choose: Any, messages: Sequence[ChatMessage], max_tokens: Optional[int]) -> Any:
+    """Call a per-call constraint chooser; one that takes `max_tokens` (e.g. `ReActConstraint`) gets the call's, so
+    its limits fit the reply it constrains."""
+    import inspect
+
+    try:
+        takes_budget = "max_tokens" in inspect.signature(choose).parameters
+    except (TypeError, ValueError):
+        takes_budget = False
+    return choose(messages, max_tokens=max_tokens) if takes_budget else choose(messages)
 
 
 def _image_prompt(prompt: str, image_documents: Sequence[Any]) -> list[ChatMessage]:

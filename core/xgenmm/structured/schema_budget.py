@@ -21,7 +21,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["BoundedSchema", "bound_json_schema", "BOUNDED_JSON_OPTIONS"]
+__all__ = ["BoundedSchema", "bound_json_schema", "smallest_json_budget", "BOUNDED_JSON_OPTIONS"]
 
 # llguidance options that make the cost model hold: compact separators, only two-byte escapes.
 BOUNDED_JSON_OPTIONS: dict[str, Any] = {
@@ -282,3 +282,10 @@ def bound_json_schema(
             options.setdefault(key, value)
         out["x-guidance"] = options
     return BoundedSchema(out, allowance, sorted(set(bounder.unbounded)))
+
+
+def smallest_json_budget(schema: dict[str, Any]) -> int:
+    """The fewest tokens (bytes, worst case) the longest value of `bound_json_schema(schema, n)` can take at its
+    smallest allowance (3 bytes a leaf, one array item): below this no bound guarantees that the value fits."""
+    bounder = _Bounder(copy.deepcopy(dict(schema)), 1)
+    return int(bounder.cost(bounder.root).total(3))
