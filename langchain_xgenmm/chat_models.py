@@ -35,7 +35,7 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, PrivateAttr
 
 from xgenmm import DEFAULT_MODEL_ID, ImageInputPolicy, RequestOutputKind
-from xgenmm.chat import ChatRequest, ChoiceStream, ReplyEvent, ResponseFormat, build_chat_request, chat_choice, usage_of
+from xgenmm.chat import DEFAULT_MAX_TOKENS, ChatRequest, ChoiceStream, ReplyEvent, ResponseFormat, build_chat_request, chat_choice, usage_of
 from xgenmm.chat.reply import TokenPieces, logprobs_content
 from xgenmm.multimodal.image_processing import DEFAULT_MAX_IMAGE_PIXELS
 from xgenmm.multimodal.image_sources import DEFAULT_MAX_IMAGE_BYTES
@@ -71,7 +71,7 @@ class ChatXGenMM(BaseChatModel):
     device: str | None = Field(default=None, description='"cuda", "cpu", ...; default: CUDA when available')
     dtype: str | None = Field(default=None, description='"bfloat16", "float16", "float32"; default: the device\'s best')
     temperature: float | None = Field(default=None, description="sampling temperature; None = greedy (the official demos)")
-    max_tokens: int | None = Field(default=512, description="new tokens per reply")
+    max_tokens: int | None = Field(default=DEFAULT_MAX_TOKENS, description="new tokens per reply")
     top_p: float | None = None
     stop: list[str] | None = None
     seed: int | None = None

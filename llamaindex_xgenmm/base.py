@@ -38,13 +38,12 @@ from llama_index.core.base.llms.types import (
     ToolCallBlock,
 )
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
-from llama_index.core.constants import DEFAULT_NUM_OUTPUTS
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 
 from xgenmm.backends import Engine, get_engine
-from xgenmm.chat import ChatRequest, build_chat_request
+from xgenmm.chat import DEFAULT_MAX_TOKENS, ChatRequest, build_chat_request
 from xgenmm.checkpoint import DEFAULT_MODEL_ID
 from xgenmm.errors import SamplingParamsError
 from xgenmm.multimodal.image_processing import DEFAULT_MAX_IMAGE_PIXELS
@@ -88,7 +87,7 @@ class XGenMM(FunctionCallingLLM):
     )
     tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs to split the model over (backend='vllm').")
     temperature: float = Field(default=0.0, ge=0.0, description="Sampling temperature; 0 = greedy (official demos).")
-    max_tokens: int = Field(default=DEFAULT_NUM_OUTPUTS, gt=0, description="Most tokens generated per call.")
+    max_tokens: int = Field(default=DEFAULT_MAX_TOKENS, gt=0, description="Most tokens generated per call.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling probability mass.")
     seed: Optional[int] = Field(default=None, description="Per-request sampling seed (reproducible sampling).")
     stop: list[str] = Field(default_factory=list, description="Stop strings.")
