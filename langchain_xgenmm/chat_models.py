@@ -38,7 +38,7 @@ from xgenmm import DEFAULT_MODEL_ID, ImageInputPolicy, RequestOutputKind
 from xgenmm.chat import DEFAULT_MAX_TOKENS, ChatRequest, ChoiceStream, ReplyEvent, ResponseFormat, build_chat_request, chat_choice, usage_of
 from xgenmm.chat.reply import TokenPieces, logprobs_content
 from xgenmm.multimodal.image_processing import DEFAULT_MAX_IMAGE_PIXELS
-from xgenmm.multimodal.image_sources import DEFAULT_MAX_IMAGE_BYTES
+from xgenmm.multimodal.image_sources import DEFAULT_MAX_IMAGE_BYTES, adapter_enable_hints
 from xgenmm.outputs import CompletionOutput, RequestOutput
 from xgenmm.tool_calls import resolve_tool_choice
 
@@ -154,7 +154,7 @@ class ChatXGenMM(BaseChatModel):
         return len(tokenizer(text, add_special_tokens=False).input_ids)
 
     def _image_policy(self) -> ImageInputPolicy:
-        return ImageInputPolicy.from_settings(self)
+        return ImageInputPolicy.from_settings(self).with_hints(adapter_enable_hints("ChatXGenMM"))
 
     # ---- request building -----------------------------------------------------------------------------------------
     def _prepare(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any],

@@ -47,7 +47,7 @@ from xgenmm.chat import DEFAULT_MAX_TOKENS, ChatRequest, build_chat_request
 from xgenmm.checkpoint import DEFAULT_MODEL_ID
 from xgenmm.errors import SamplingParamsError
 from xgenmm.multimodal.image_processing import DEFAULT_MAX_IMAGE_PIXELS
-from xgenmm.multimodal.image_sources import DEFAULT_MAX_IMAGE_BYTES, ImageInputPolicy
+from xgenmm.multimodal.image_sources import DEFAULT_MAX_IMAGE_BYTES, ImageInputPolicy, adapter_enable_hints
 from xgenmm.sampling_params import RequestOutputKind, SamplingParams
 
 from .messages import to_core_messages, to_image_block
@@ -152,8 +152,11 @@ class XGenMM(FunctionCallingLLM):
         if self.image_fetch_timeout is not None:
             warnings.warn("XGenMM(image_fetch_timeout=...) is deprecated; use fetch_timeout_s", DeprecationWarning,
                           stacklevel=2)
-            return dataclasses.replace(ImageInputPolicy.from_settings(self), fetch_timeout_s=self.image_fetch_timeout)
-        return ImageInputPolicy.from_settings(self)
+            return dataclasses.replace(self._policy(), fetch_timeout_s=self.image_fetch_timeout)
+        return self._policy()
+
+    def _policy(self) -> ImageInputPolicy:
+        return ImageInputPolicy.from_settings(self).with_hints(adapter_enable_hints("XGenMM"))
 
     def get_tokenizer(self):
         return self.engine.sync.get_tokenizer()

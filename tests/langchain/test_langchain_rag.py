@@ -113,3 +113,15 @@ def test_image_qa_tool_catalogue_is_an_enum_and_reads_configured_files(llm, imag
     bound = llm.model_copy(update={"max_tokens": 60}).bind_tools([tool], tool_choice="any")
     call = bound.invoke("Look at one of the pictures.").tool_calls[0]
     assert call["args"]["image"] in ("red", "blue")
+
+
+def test_a_refused_local_image_names_chatxgenmms_own_option(llm, image_folder):
+    from langchain_core.messages import HumanMessage
+
+    from xgenmm.errors import ImageSourceNotAllowedError
+
+    message = HumanMessage(content=[{"type": "image_url", "image_url": {"url": str(image_folder / "a.png")}},
+                                    {"type": "text", "text": "What is this?"}])
+    with pytest.raises(ImageSourceNotAllowedError) as info:
+        llm.invoke([message])
+    assert "ChatXGenMM(allow_local_files=True)" in str(info.value) and "ImageInputPolicy" not in str(info.value)

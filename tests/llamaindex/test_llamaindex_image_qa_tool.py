@@ -53,3 +53,10 @@ def test_function_agent_uses_the_image_qa_tool(model_path, image_dir):
     final, results = asyncio.run(run())
     assert len(results) == 1 and results[0].tool_kwargs["image"] == "red" and not results[0].tool_output.is_error
     assert results[0].tool_output.content and final.response.content is not None
+
+
+def test_a_refused_local_image_names_xgenmms_own_option(llm, image_dir):
+    tool = image_qa_tool(llm)
+    with pytest.raises(ImageSourceNotAllowedError) as info:
+        tool.call(image=str(image_dir / "red.png"), question="Color?")
+    assert "XGenMM(allow_local_files=True)" in str(info.value) and "ImageInputPolicy" not in str(info.value)

@@ -106,8 +106,10 @@ def local_image_policy(paths: list[str | Path] | None = None,
     no byte limit (the pixel limit still guards against decompression bombs); never remote URLs."""
     folders = [str(Path(r).resolve()) for r in (roots or [])]
     folders += [str(Path(p).resolve().parent) for p in (paths or [])]
-    return ImageInputPolicy(allow_local_files=True, local_file_roots=tuple(dict.fromkeys(folders)),
-                            max_image_bytes=None)
+    policy = ImageInputPolicy(allow_local_files=True, local_file_roots=tuple(dict.fromkeys(folders)),
+                              max_image_bytes=None)
+    return policy.with_hints({"allow_remote_images": "the command line reads local files only: download the image "
+                                                     "and pass its path"})
 
 
 def check_image_files(paths: list[str]) -> list[Path]:
