@@ -41,3 +41,15 @@ def test_one_documented_max_tokens_default_across_front_ends():
     assert ServerConfig().max_tokens_default is None
     docs = (REPO / "docs" / "cli_and_server.md").read_text()
     assert f"`max_tokens` defaults to {DEFAULT_MAX_TOKENS}" in docs and f"{CAPTION_MAX_TOKENS}" in docs
+
+
+def test_dtype_help_matches_what_the_engine_picks_on_this_cpu():
+    import torch
+
+    from xgenmm.checkpoint import cpu_computes_bf16, parse_dtype
+
+    help_text = " ".join(_subparser("chat").format_help().split())
+    assert "bfloat16 on GPU and on CPUs that compute bf16 natively" in help_text
+    assert "float32 on other CPUs" in help_text
+    picked = parse_dtype(None, None, torch.device("cpu"))
+    assert picked == (torch.bfloat16 if cpu_computes_bf16() else torch.float32)

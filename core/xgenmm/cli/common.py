@@ -30,8 +30,9 @@ def add_model_args(parser: argparse.ArgumentParser, model_default: str | None = 
                        help=f"Hugging Face id or local checkpoint directory "
                             f"(default: ${MODEL_ENV} or {DEFAULT_MODEL_ID})")
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    group.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bfloat16 on GPU, "
-                                                     "float32 on CPU)")
+    group.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bfloat16 on GPU and on "
+                                                     "CPUs that compute bf16 natively (AMX / AVX-512 BF16), "
+                                                     "float32 on other CPUs)")
 
 
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
