@@ -66,7 +66,7 @@ class XGenMM(FunctionCallingLLM):
     """xGen-MM (BLIP-3) v1.5 on the xgenmm engine: chat with images, tool calling, structured output.
 
     Examples:
-        `pip install xgenmm[llamaindex]`
+        `pip install ".[llamaindex]"` (from a clone, after torch: README "Install")
 
         ```python
         from llama_index.core.llms import ChatMessage, ImageBlock, TextBlock
