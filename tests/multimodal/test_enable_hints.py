@@ -42,3 +42,9 @@ def test_http_clients_are_told_to_send_a_data_url(tmp_path):
 def test_the_command_line_says_to_pass_a_path(tmp_path):
     remote = refusal(local_image_policy([tmp_path / "a.png"]), "https://example.com/a.png")
     assert "pass its path" in remote and "ImageInputPolicy" not in remote
+
+
+def test_hints_do_not_change_what_a_policy_allows():
+    base = ImageInputPolicy(allow_remote_images=True)
+    hinted = base.with_hints(adapter_enable_hints("XGenMM"))
+    assert hinted == base and hinted.how_to_enable("allow_local_files") != base.how_to_enable("allow_local_files")

@@ -86,7 +86,8 @@ class ImageInputPolicy:
     fetch_timeout_s: float = 10.0
     allowed_schemes: tuple[str, ...] = ("http", "https")
     max_request_image_pixels: int | None = None
-    enable_hints: tuple[tuple[str, str], ...] = ()
+    # How to turn an option on, in the words of the front end in use; not part of what the policy allows.
+    enable_hints: tuple[tuple[str, str], ...] = dataclasses.field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         roots = self.local_file_roots
