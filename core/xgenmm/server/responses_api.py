@@ -111,7 +111,7 @@ def _messages(body: dict) -> tuple[list[dict], int]:
             raise _bad(f"{where} must be an object", where)
         kind = item.get("type", "message")
         if kind == "message":
-            role = _ROLES.get(item.get("role"))
+            role = _ROLES.get(item["role"]) if isinstance(item.get("role"), str) else None
             if role is None:
                 raise _bad(f"{where}.role must be 'user', 'assistant', 'system' or 'developer'", f"{where}.role")
             content, count = _content_parts(item.get("content"), where)
@@ -139,6 +139,8 @@ def _messages(body: dict) -> tuple[list[dict], int]:
         else:
             raise _bad(f"{where}: unsupported input item type {kind!r}; this server takes 'message', 'function_call' "
                        "and 'function_call_output' items", f"{where}.type")
+    if not any(m["role"] != "system" for m in messages):
+        raise _bad("'input' has no message, function call or function call output for the model to answer", "input")
     return messages, images
 
 
