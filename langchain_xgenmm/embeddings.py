@@ -1,6 +1,6 @@
 """`TestOnlyHashingEmbeddings`: a TEST-ONLY LangChain `Embeddings` (a hashed bag of words from
 `xgenmm.testing.text_embedding`: offline, no model, no meaning), for tests and the offline example runs on random
-checkpoints. For real retrieval use a real model, e.g. sentence-transformers (in `xgenmm[rag]`):
+checkpoints. For real retrieval use a real model, e.g. sentence-transformers (the `rag` extra):
 `SentenceTransformerEmbeddings` below wraps `SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")`."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Embeddings for multimodal RAG over captions.
 
-For real retrieval use LlamaIndex's own integration, `llama-index-embeddings-huggingface` (in `xgenmm[rag]`):
+For real retrieval use LlamaIndex's own integration, `llama-index-embeddings-huggingface` (the `rag` extra):
 `HuggingFaceEmbedding(model_name="sentence-transformers/all-MiniLM-L6-v2")`. This module adds two things:
 
 * `TestOnlyHashingEmbedding`: a TEST-ONLY hashed bag of words (`xgenmm.testing.text_embedding`), offline and

@@ -2,7 +2,7 @@
 
 * "native": xgenmm's own engine (`xgenmm.LLM` / `xgenmm.AsyncLLM`, one shared engine per model/device/dtype).
 * "vllm": the same front ends over vLLM (`backends.vllm_backend`), for tensor parallelism and vLLM's kernels; needs
-  vLLM and the xgenmm vLLM plugin (`pip install "xgenmm[vllm]"`). Its extra options: `tensor_parallel_size`,
+  vLLM and the xgenmm vLLM plugin (the `vllm` extra, docs/vllm.md). Its extra options: `tensor_parallel_size`,
   `structured_outputs_backend` ("guidance", the default, keeps grammars identical to native), `vllm_options` (any
   `vllm.EngineArgs` fields), or EngineArgs fields by name.
 
@@ -55,7 +55,7 @@ def get_engine(backend: str = "native", *, model: str, device: str | None = None
         try:
             import vllm  # noqa: F401  (only to fail early with an install hint)
         except ImportError as exc:
-            raise ConfigError('backend "vllm" needs vLLM: pip install "xgenmm[vllm]" (vLLM 0.32)') from exc
+            raise ConfigError('backend "vllm" needs vLLM 0.32: pip install ".[vllm]" in the xgenmm folder (docs/vllm.md)') from exc
         from .vllm_backend import VllmAsyncLLM, VllmLLM, get_vllm_engine_loop
 
         loop = get_vllm_engine_loop(model, device, dtype, **options)
