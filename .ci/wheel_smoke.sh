@@ -20,9 +20,9 @@ step "building the wheel"
 WHEEL="$(ls "$WORK"/dist/xgenmm-*.whl)"
 step "installing torch first: $TORCH_INSTALL"
 # shellcheck disable=SC2086
-"$V/pip" install --quiet $TORCH_INSTALL
+"$V/pip" install --quiet --no-compile $TORCH_INSTALL   # --no-compile: byte-compiling torch is most of the time
 step "installing $(basename "$WHEEL")[langchain,llamaindex]"
-"$V/pip" install --quiet "$WHEEL[langchain,llamaindex]"
+"$V/pip" install --quiet --no-compile "$WHEEL[langchain,llamaindex]"
 "$V/pip" check
 
 cd "$WORK"
