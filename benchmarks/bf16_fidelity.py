@@ -31,12 +31,12 @@ def corpus_samples(checkpoint: Path, num_image: int, num_text: int, max_tokens: 
     from throughput import SIZES, SYSTEM, make_image
 
     from xgenmm import LLM, SamplingParams
-    from xgenmm.engine.engine_loop import create_engine_loop
+    from xgenmm.client import open_engine
     from xgenmm.testing.fidelity import Sample
 
-    loop = create_engine_loop(str(checkpoint), "cpu", "float32")
+    handle = open_engine("native", str(checkpoint), "cpu", "float32", shared=False)
     try:
-        engine, llm = loop.engine, LLM.from_engine_loop(loop)
+        engine, llm = handle.core, LLM.from_handle(handle)
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
         samples = []
         for i in range(num_image + num_text):
@@ -44,12 +44,12 @@ def corpus_samples(checkpoint: Path, num_image: int, num_text: int, max_tokens: 
             text = (f"{SYSTEM}<|user|>\n" + ("<image>\n" if image else "") + f"Question {i}: tell me about "
                     f"{'this picture' if image else 'the weather in a city number ' + str(i)}.<|end|>\n<|assistant|>\n")
             prompt = {"prompt": text, "multi_modal_data": {"image": make_image(i, SIZES[i % len(SIZES)])}} if image else text
-            prepared = engine.prepare(prompt, params, f"fidelity-{i}")
+            prepared = handle.prepare(prompt, params, f"fidelity-{i}")
             out = llm.generate(prompt, params)[0].outputs[0].token_ids
             samples.append(Sample(prepared.prompt_token_ids, prepared.images, out))
         return samples
     finally:
-        loop.shutdown()
+        handle.shutdown()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bf16_fidelity.json"))
     args = ap.parse_args(argv)
 
-    from xgenmm.checkpoint import cpu_computes_bf16
+    from xgenmm.cpu_features import cpu_computes_bf16
     from xgenmm.model.cpu_linear import bf16_kernel_available
     from xgenmm.testing import make_random_checkpoint
     from xgenmm.testing.fidelity import fixture_samples, gate_passes, measure

@@ -133,10 +133,10 @@ def main(argv: list[str] | None = None) -> dict:
     from throughput import SYSTEM, make_image
 
     from xgenmm import LLM, SamplingParams
-    from xgenmm.checkpoint import parse_dtype
-    from xgenmm.engine.engine_loop import create_engine_loop
+    from xgenmm.placement import resolve_dtype
+    from xgenmm.client import open_engine
 
-    dtype = parse_dtype(args.dtype, None, torch.device("cpu"))
+    dtype = resolve_dtype(args.dtype, None, torch.device("cpu"))
     model_dir = args.model
     if model_dir is None:
         from xgenmm.testing import make_random_checkpoint
@@ -164,10 +164,10 @@ def main(argv: list[str] | None = None) -> dict:
     reset_peak_rss()
     rss_before = peak_rss_bytes()
     t0 = time.perf_counter()
-    loop = create_engine_loop(model_dir, "cpu", str(dtype).removeprefix("torch."),
-                              kv_cache_memory_bytes=int(args.kv_cache_gib * 2**30), max_num_seqs=max(8, args.concurrent))
+    handle = open_engine("native", model_dir, "cpu", str(dtype).removeprefix("torch."),
+                              kv_cache_memory_bytes=int(args.kv_cache_gib * 2**30), max_num_seqs=max(8, args.concurrent), shared=False)
     load_s = time.perf_counter() - t0
-    engine = loop.engine
+    engine = handle.core
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     kv_bytes = engine.runner.kv_cache_bytes
     peak = peak_rss_bytes()
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     bandwidth = max(bandwidth_probes)
     costs = model_costs(engine.model)
     report["model_costs"] = costs
-    llm = LLM.from_engine_loop(loop)
+    llm = LLM.from_handle(handle)
     greedy = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
     llm.generate("<|user|>\nwarm up<|end|>\n<|assistant|>\n", greedy)  # first-call allocations
 
@@ -191,13 +191,13 @@ def main(argv: list[str] | None = None) -> dict:
     prompt = {"prompt": f"{SYSTEM}<|user|>\n<image>\nDescribe this picture in detail.<|end|>\n<|assistant|>\n",
               "multi_modal_data": {"image": image}}
     t_prep = time.perf_counter()
-    prepared = engine.prepare(prompt, greedy, "probe")
+    prepared = handle.prepare(prompt, greedy, "probe")
     prep_s = time.perf_counter() - t_prep
     crops = prepared.images[0].num_patches
     t_vis = time.perf_counter()
     engine.runner.encode_images(prepared.images)
     vision_s = time.perf_counter() - t_vis
-    engine.vision_cache.clear()
+    engine.vision.cache.clear()
     prompt_tokens = len(prepared.fused.token_ids)
     params = SamplingParams(temperature=0.0, max_tokens=args.decode_tokens, ignore_eos=True)
     t_call = time.monotonic()
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(f"{n} concurrent: {rate:.2f} tok/s = {report['concurrent_decode']['fraction_of_limit']:.0%} of the limit "
           f"({n / step_limit_s:.2f} tok/s, {report['concurrent_decode']['limit_is']})", flush=True)
-    loop.shutdown()
+    handle.shutdown()
     bandwidth_probes.append(measure_bandwidth(1.0))
     report["limits"]["read_bandwidth_probes_gb_s"] = [round(b / 1e9, 2) for b in bandwidth_probes]
     if max(bandwidth_probes) > bandwidth:  # the last probe was the best: take every fraction against it

@@ -536,7 +536,7 @@ def fixture_parity(device: torch.device) -> dict:
     from safetensors.torch import load_file
 
     from xgenmm import LLM, SamplingParams
-    from xgenmm.engine.engine_loop import create_engine_loop
+    from xgenmm.client import open_engine
     from xgenmm.testing import save_random_tokenizer
 
     fixtures = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "xgenmm-tiny"
@@ -563,10 +563,10 @@ def fixture_parity(device: torch.device) -> dict:
             row["cudnn_allow_tf32"] = cudnn_tf32
             torch.backends.cudnn.allow_tf32 = cudnn_tf32
         try:
-            loop = create_engine_loop(str(ckpt), device=device, dtype=dtype, attention_backend=backend,
-                                      kv_cache_memory_bytes=256 * 2**20)  # fmt: skip
+            handle = open_engine("native", str(ckpt), device=device, dtype=dtype, attention_backend=backend,
+                                      kv_cache_memory_bytes=256 * 2**20, shared=False)  # fmt: skip
             try:
-                llm = LLM.from_engine_loop(loop)
+                llm = LLM.from_handle(handle)
                 outs = llm.generate([p for *_, p in items], params)
                 exact, agree, total, worst = 0, 0, 0, 0.0
                 for (_, b, sample, expected, _), out in zip(items, outs):
@@ -581,12 +581,12 @@ def fixture_parity(device: torch.device) -> dict:
                         ref = float(expected["step_topk_logits"][b, step, 0] - expected["step_logsumexp"][b, step])
                         worst = max(worst, abs(out.outputs[0].logprobs[step][want[step]].logprob - ref))
                 row.update(samples=len(items), exact_samples=exact, matching_prefix_tokens=f"{agree}/{total}",
-                           max_abs_logprob_err=worst, cuda_graphs=_graph_stats(llm.engine.runner))  # fmt: skip
+                           max_abs_logprob_err=worst, cuda_graphs=_graph_stats(llm.handle.core.runner))  # fmt: skip
                 if dtype == "float32":
                     row["met"] = exact == len(items) and worst < 1e-3
             finally:
-                loop.shutdown()
-                del loop
+                handle.shutdown()
+                del handle
                 gc.collect()  # free this engine's memory before the next one loads
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -633,16 +633,16 @@ def _decode_bytes_per_token(model, context_len: int, dtype: torch.dtype) -> dict
 
 def engine_benchmarks(args, ckpt: Path, device: torch.device, dtype: torch.dtype, env: dict, keep: dict) -> dict:
     from xgenmm import SamplingParams
-    from xgenmm.engine.engine_loop import create_engine_loop
+    from xgenmm.client import open_engine
     from xgenmm.llm import LLM
 
     options = dict(attention_backend=args.backend)
     if device.type == "cuda":
         options["gpu_memory_utilization"] = args.gpu_memory_utilization
     t0 = time.perf_counter()
-    loop = create_engine_loop(str(ckpt), device=device, dtype=dtype, **options)
-    llm = LLM.from_engine_loop(loop)
-    engine = llm.engine
+    handle = open_engine("native", str(ckpt), device=device, dtype=dtype, **options, shared=False)
+    llm = LLM.from_handle(handle)
+    engine = llm.handle.core
     keep["engine"] = engine  # the HF baseline reuses its vision encoder
     runner = engine.runner
     res: dict = {
@@ -737,7 +737,7 @@ def engine_benchmarks(args, ckpt: Path, device: torch.device, dtype: torch.dtype
         eager_tok_s = (len(out.outputs[0].token_ids) - 1) / (m.finished_time - m.first_token_time)
         res["single_stream_eager"] = {"generated": len(out.outputs[0].token_ids), "decode_tok_s": round(eager_tok_s, 1),
                                       "cuda_graph_speedup": round(single["decode_tok_s"] / eager_tok_s, 2)}
-    loop.shutdown()
+    handle.shutdown()
     return res
 
 
@@ -749,17 +749,20 @@ def _decode_step_breakdown(llm, engine, runner, device, prompt, params) -> dict:
 
     totals: dict = collections.defaultdict(float)
     counts: dict = collections.Counter()
+    in_flight = [0]  # wrapped calls still running on the engine thread
 
     def wrap(obj, name, label):
         fn = getattr(obj, name)
 
         def timed_fn(*a, **k):
+            in_flight[0] += 1
             t0 = time.perf_counter()
             try:
                 return fn(*a, **k)
             finally:
                 totals[label] += time.perf_counter() - t0
                 counts[label] += 1
+                in_flight[0] -= 1
 
         if hasattr(type(obj), name):  # a method: shadow it on the instance, then drop the shadow
             setattr(obj, name, timed_fn)
@@ -779,6 +782,10 @@ def _decode_step_breakdown(llm, engine, runner, device, prompt, params) -> dict:
                wrap(engine, "sampler", "sample_incl_device_wait"), wrap(engine, "_emit", "emit_outputs")]  # fmt: skip
     try:
         out = llm.generate(prompt, params)[0]
+        # The last step delivers the final output before its own timer closes: let the engine thread leave it.
+        deadline = time.monotonic() + 10.0
+        while in_flight[0] and time.monotonic() < deadline:
+            time.sleep(0.001)
     finally:
         for undo in reversed(restore):
             undo()

@@ -91,13 +91,13 @@ def main() -> None:
     out["checkpoint"] = make_checkpoint(Path(args.ckpt_dir), "full", torch.bfloat16, device)
 
     from xgenmm import SamplingParams
-    from xgenmm.engine.engine_loop import create_engine_loop
+    from xgenmm.client import open_engine
     from xgenmm.llm import LLM
 
-    loop = create_engine_loop(args.ckpt_dir, device=device, dtype=torch.bfloat16, attention_backend="triton",
-                              gpu_memory_utilization=0.5)  # fmt: skip
-    llm = LLM.from_engine_loop(loop)
-    runner = llm.engine.runner
+    handle = open_engine("native", args.ckpt_dir, device=device, dtype=torch.bfloat16, attention_backend="triton",
+                              gpu_memory_utilization=0.5, shared=False)  # fmt: skip
+    llm = LLM.from_handle(handle)
+    runner = llm.handle.core.runner
     params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
     llm.generate("Write a long story about a lighthouse keeper and the sea. " * 3, params)  # leaves a bucket-1 step
     graph = runner.decode_graphs.graphs[1]
@@ -131,7 +131,7 @@ def main() -> None:
     save()
     print(json.dumps({k: out[k] for k in ("graph_replay_ms", "eager_step_ms")}), flush=True)
     print(json.dumps(out["eager_kernels"], indent=1)[:3000], flush=True)
-    loop.shutdown()
+    handle.shutdown()
     print(f"wrote {path}", flush=True)
 
 

@@ -89,21 +89,21 @@ def _timed(fn) -> tuple[float, object]:
 
 def run_engine(model_dir: str, requests: list[dict], max_tokens: int, options: dict, dtype: str) -> dict:
     from xgenmm import LLM, SamplingParams
-    from xgenmm.engine.engine_loop import create_engine_loop
+    from xgenmm.client import open_engine
 
-    loop = create_engine_loop(model_dir, "cpu", dtype, **options)
-    llm = LLM.from_engine_loop(loop)
+    handle = open_engine("native", model_dir, "cpu", dtype, **options, shared=False)
+    llm = LLM.from_handle(handle)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     llm.generate({"prompt": "<image> warm up", "multi_modal_data": {"image": make_image(999, (64, 64))}}, params.replace(max_tokens=2))
-    loop.engine.block_manager.reset_prefix_cache()
-    loop.engine.vision_cache.clear()
+    handle.core.block_manager.reset_prefix_cache()
+    handle.core.vision.cache.clear()
     reset_peak_rss()
     t_call = time.monotonic()
     wall, outs = _timed(lambda: llm.generate(requests, params))
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     ttft = [o.metrics.first_token_time - t_call for o in outs]  # from the caller's call, preparation included
-    engine = loop.engine
-    preemptions = loop.engine.stats().num_preemptions
+    engine = handle.core
+    preemptions = handle.core.stats().num_preemptions
     result = dict(wall_s=wall, output_tokens=tokens, output_tok_s=tokens / wall, ttft_p50_s=pct(ttft, 50),
                   ttft_p99_s=pct(ttft, 99), peak_rss_mib=peak_rss_mib(), dtype=str(engine.dtype).removeprefix("torch."),
                   linear_kernel=engine.model.linear_kernel, attention_backend=engine.runner.backend.name,
@@ -111,14 +111,14 @@ def run_engine(model_dir: str, requests: list[dict], max_tokens: int, options: d
 
     # The floor no batching can go below: the same requests with one output token each (vision + prefill only,
     # caches cleared). The engine cannot beat a baseline by more than the baseline's wall time / this floor.
-    loop.engine.block_manager.reset_prefix_cache()
-    loop.engine.vision_cache.clear()
+    handle.core.block_manager.reset_prefix_cache()
+    handle.core.vision.cache.clear()
     result["vision_and_prefill_floor_s"] = _timed(lambda: llm.generate(requests, params.replace(max_tokens=1)))[0]
 
     # Prefix + vision cache: one image question cold, then the same again, then the same image with a new question;
     # each timed around the whole call (image loading and tiling included).
-    loop.engine.block_manager.reset_prefix_cache()
-    loop.engine.vision_cache.clear()
+    handle.core.block_manager.reset_prefix_cache()
+    handle.core.vision.cache.clear()
     img = make_image(12345, (640, 480))
     q = lambda text: {"prompt": f"{SYSTEM}<|user|>\n<image>\n{text}<|end|>\n<|assistant|>\n", "multi_modal_data": {"image": img}}
     one = params.replace(max_tokens=1)
@@ -127,7 +127,7 @@ def run_engine(model_dir: str, requests: list[dict], max_tokens: int, options: d
     warm_new_question = _timed(lambda: llm.generate(q("Which colours dominate?"), one))[0]
     result.update(prefix_cold_ttft_s=cold, prefix_warm_ttft_s=warm, prefix_warm_new_question_ttft_s=warm_new_question,
                   prefix_speedup=cold / warm, prefix_new_question_speedup=cold / warm_new_question)
-    loop.shutdown()
+    handle.shutdown()
     return result
 
 
@@ -235,9 +235,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.preset, args.num_requests, args.max_tokens, args.batch_sizes = "tiny", 4, 8, "2,4"
     torch.manual_seed(0)
-    from xgenmm.checkpoint import parse_dtype
+    from xgenmm.placement import resolve_dtype
 
-    dtype = str(parse_dtype(args.dtype, None, torch.device("cpu"))).removeprefix("torch.")
+    dtype = str(resolve_dtype(args.dtype, None, torch.device("cpu"))).removeprefix("torch.")
     model_dir = args.model
     if model_dir is None:
         from xgenmm.testing import make_random_checkpoint

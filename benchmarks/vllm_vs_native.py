@@ -2,7 +2,7 @@
 
 Both engines run the same random checkpoint (`--preset scaled` by default: the real widths at a quarter of the depth,
 see `xgenmm/testing/presets.py`) in the same dtype (`--dtype auto`: bf16 where the CPU computes it natively, as
-vLLM's CPU backend runs by default there), greedy, through the same front end (`xgenmm.backends.get_engine(...).sync`),
+vLLM's CPU backend runs by default there), greedy, through the same front end (`xgenmm.LLM(..., backend=...)` on `xgenmm.client.open_engine`),
 each in its own subprocess so neither inherits the other's thread settings, with the same KV-cache budget and vLLM's
 defaults otherwise. Each engine uses the best kernels it has: vLLM its oneDNN linears (pre-packed weights) and C++
 paged attention; native its oneDNN / bf16 linears and in-place paged attention; the vision tower (our
@@ -74,15 +74,15 @@ def run_engine(backend: str, checkpoint: str, args) -> dict:
     """One engine, all workloads (called in a subprocess)."""
     import torch
 
-    from xgenmm import SamplingParams
-    from xgenmm.backends import get_engine
+    from xgenmm import LLM, SamplingParams
+    from xgenmm.client import open_engine
 
     t0 = time.perf_counter()
     options = {"kv_cache_memory_bytes": int(args.kv_cache_gib * 1024**3)}
-    engine = get_engine(backend, model=checkpoint, device="cpu", dtype=args.dtype, **options)
+    engine = open_engine(backend, checkpoint, "cpu", args.dtype, **options)
     start_s = time.perf_counter() - t0
-    llm = engine.sync
-    tok = engine.get_tokenizer()
+    llm = LLM.from_handle(engine)
+    tok = engine.tokenizer
     image = _image()
     result: dict = {"engine_start_s": round(start_s, 2), "torch_threads": torch.get_num_threads(),
                     "loadavg_at_start": os.getloadavg()}
@@ -160,10 +160,10 @@ def main() -> None:
 
     import torch
 
-    from xgenmm.checkpoint import parse_dtype
+    from xgenmm.placement import resolve_dtype
     from xgenmm.testing import make_random_checkpoint
 
-    args.dtype = str(parse_dtype(args.dtype, None, torch.device("cpu"))).removeprefix("torch.")
+    args.dtype = str(resolve_dtype(args.dtype, None, torch.device("cpu"))).removeprefix("torch.")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", VLLM_ENABLE_V1_MULTIPROCESSING="0")
     report: dict = {
         "benchmark": "vllm_vs_native",

@@ -13,7 +13,6 @@ call (never in `__init__`). `invoke`/`stream` block in the calling thread while 
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from operator import itemgetter
 from typing import Any, Literal
@@ -37,6 +36,8 @@ from pydantic import ConfigDict, Field, PrivateAttr
 from xgenmm import DEFAULT_MODEL_ID, ImageInputPolicy, RequestOutputKind
 from xgenmm.chat import DEFAULT_MAX_TOKENS, ChatRequest, ChoiceStream, ReplyEvent, ResponseFormat, build_chat_request, chat_choice, usage_of
 from xgenmm.chat.reply import TokenPieces, logprobs_content
+from xgenmm.chat.request import OPENAI_SAMPLING_OPTIONS, VLLM_SAMPLING_OPTIONS
+from xgenmm.lazy_engine import EngineClients, LazyEngine
 from xgenmm.multimodal.image_processing import DEFAULT_MAX_IMAGE_PIXELS
 from xgenmm.multimodal.image_sources import DEFAULT_MAX_IMAGE_BYTES, adapter_enable_hints
 from xgenmm.outputs import CompletionOutput, RequestOutput
@@ -46,11 +47,10 @@ from .messages import to_core_messages
 
 __all__ = ["ChatXGenMM"]
 
-_ENGINE_INIT_LOCK = threading.RLock()
 
 # Per-call kwargs that are sampling options (OpenAI / vLLM names, as `build_chat_request` takes them).
-_SAMPLING_KWARGS = ("temperature", "max_tokens", "top_p", "top_k", "min_p", "seed", "presence_penalty",
-                    "frequency_penalty", "repetition_penalty", "min_tokens", "n", "logprobs", "top_logprobs")
+# The same names `XGenMM` (LlamaIndex) and the server take; `stop` is merged with the call's `stop` argument.
+_SAMPLING_KWARGS = tuple(n for n in OPENAI_SAMPLING_OPTIONS + VLLM_SAMPLING_OPTIONS if n != "stop")
 
 
 class ChatXGenMM(BaseChatModel):
@@ -96,7 +96,7 @@ class ChatXGenMM(BaseChatModel):
     constrain_auto_tool_calls: bool = Field(
         default=True, description="with tool_choice auto, constrain decoding so that any tool call is well-formed")
 
-    _engine: Any = PrivateAttr(default=None)
+    _lazy_engine: LazyEngine = PrivateAttr(default_factory=LazyEngine)
 
     # ---- LangChain identity ---------------------------------------------------------------------------------------
     @property
@@ -125,30 +125,24 @@ class ChatXGenMM(BaseChatModel):
         return params
 
     # ---- engine ---------------------------------------------------------------------------------------------------
-    def _get_engine(self):
-        """The shared engine (sync + asyncio faces), resolved on first use (once, even when `batch` threads all
-        make their first call together)."""
-        if self._engine is not None:
-            return self._engine
-        with _ENGINE_INIT_LOCK:
-            return self._resolve_engine()
+    def _engine_clients(self) -> EngineClients:
+        """The engine's clients (`.sync` an `xgenmm.LLM`, `.aio` an `xgenmm.AsyncLLM`), opened on first use through
+        the front door (`xgenmm.client.open_engine`; once, even when `batch` threads all make their first call
+        together)."""
+        return self._lazy_engine.get(self._engine_arguments)
 
-    def _resolve_engine(self):
-        if self._engine is None:
-            from xgenmm.backends import get_engine
-
-            self._engine = get_engine(self.backend, model=self.model, device=self.device, dtype=self.dtype,
-                                      tensor_parallel_size=self.tensor_parallel_size, **self.engine_options)
-        return self._engine
+    def _engine_arguments(self) -> dict[str, Any]:
+        return dict(backend=self.backend, model=self.model, device=self.device, dtype=self.dtype,
+                    tensor_parallel_size=self.tensor_parallel_size, **self.engine_options)
 
     def _engine_stats(self):
         """The shared engine's stats (`num_running`, `num_waiting`, `kv_cache_usage`, ...)."""
-        return self._get_engine().sync.stats()
+        return self._engine_clients().handle.stats()
 
     def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence | None = None) -> int:
         """Prompt length in text tokens (each image counts as its one `<image>` tag, not its vision tokens)."""
-        tokenizer = self._get_engine().get_tokenizer()
-        renderer = self._get_engine().sync.engine.chat_renderer
+        handle = self._engine_clients().handle
+        tokenizer, renderer = handle.tokenizer, handle.chat_renderer
         text, _ = renderer.render_text(to_core_messages(messages), image_policy=self._image_policy(),
                                        tools=[convert_to_openai_tool(t) for t in tools] if tools else None)
         return len(tokenizer(text, add_special_tokens=False).input_ids)
@@ -190,7 +184,7 @@ class ChatXGenMM(BaseChatModel):
         if completion.stop_reason is not None:
             meta["stop_reason"] = completion.stop_reason
         if request.params.logprobs is not None and completion.logprobs is not None:
-            pieces = TokenPieces(self._get_engine().get_tokenizer())
+            pieces = TokenPieces(self._engine_clients().get_tokenizer())
             meta["logprobs"] = {"content": logprobs_content(completion.token_ids, completion.logprobs,
                                                             request.params.logprobs, pieces)}
         return meta
@@ -216,13 +210,13 @@ class ChatXGenMM(BaseChatModel):
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         request = self._prepare(messages, stop, kwargs, RequestOutputKind.FINAL_ONLY)
-        out = self._get_engine().sync.chat(request.messages, request.params, **request.chat_kwargs())[0]
+        out = self._engine_clients().sync.chat(request)[0]
         return ChatResult(generations=self._generations(out, request))
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         request = self._prepare(messages, stop, kwargs, RequestOutputKind.DELTA)
-        outputs = self._get_engine().sync.chat_stream(request.messages, request.params, **request.chat_kwargs())
+        outputs = self._engine_clients().sync.chat_stream(request)
         assembler = _ChunkAssembler(self, request)
         try:
             for out in outputs:
@@ -241,7 +235,7 @@ class ChatXGenMM(BaseChatModel):
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         request = self._prepare(messages, stop, kwargs, RequestOutputKind.FINAL_ONLY)
-        outputs = self._get_engine().aio.chat(request.messages, request.params, **request.chat_kwargs())
+        outputs = self._engine_clients().aio.chat(request)
         final = None
         try:
             async for out in outputs:
@@ -254,7 +248,7 @@ class ChatXGenMM(BaseChatModel):
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         request = self._prepare(messages, stop, kwargs, RequestOutputKind.DELTA)
-        outputs = self._get_engine().aio.chat(request.messages, request.params, **request.chat_kwargs())
+        outputs = self._engine_clients().aio.chat(request)
         assembler = _ChunkAssembler(self, request)
         try:
             async for out in outputs:

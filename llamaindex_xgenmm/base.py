@@ -11,7 +11,6 @@ calls join the engine's continuous batch. A required tool call is grammar-constr
 from __future__ import annotations
 
 import dataclasses
-import threading
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal, Optional, Union
@@ -42,8 +41,9 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 
-from xgenmm.backends import Engine, get_engine
 from xgenmm.chat import DEFAULT_MAX_TOKENS, ChatRequest, build_chat_request
+from xgenmm.chat.request import OPENAI_SAMPLING_OPTIONS, VLLM_SAMPLING_OPTIONS, sampling_params_from_openai
+from xgenmm.lazy_engine import EngineClients, LazyEngine
 from xgenmm.checkpoint import DEFAULT_MODEL_ID
 from xgenmm.errors import SamplingParamsError
 from xgenmm.multimodal.image_processing import DEFAULT_MAX_IMAGE_PIXELS
@@ -59,7 +59,8 @@ if TYPE_CHECKING:
 __all__ = ["XGenMM", "DEFAULT_CONTEXT_WINDOW"]
 
 DEFAULT_CONTEXT_WINDOW = 4096  # Phi-3-mini-4k, the xGen-MM v1.5 language model
-_SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+# The sampling options both adapters and the server take by name: OpenAI's, plus vLLM's extras.
+_SAMPLING_OPTION_NAMES = frozenset(OPENAI_SAMPLING_OPTIONS + VLLM_SAMPLING_OPTIONS)
 
 
 class XGenMM(FunctionCallingLLM):
@@ -83,7 +84,7 @@ class XGenMM(FunctionCallingLLM):
     dtype: Optional[str] = Field(default=None, description="'bfloat16', 'float16', 'float32'; None = model default.")
     backend: Literal["native", "vllm"] = Field(
         default="native", description="'native' = the xgenmm engine; 'vllm' = vLLM with the xgenmm plugin "
-        "(xgenmm.backends.get_engine)."
+        "(xgenmm.client.open_engine)."
     )
     tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs to split the model over (backend='vllm').")
     temperature: float = Field(default=0.0, ge=0.0, description="Sampling temperature; 0 = greedy (official demos).")
@@ -94,8 +95,8 @@ class XGenMM(FunctionCallingLLM):
     context_window: int = Field(default=DEFAULT_CONTEXT_WINDOW, gt=0, description="Model context, in tokens.")
     engine_options: dict[str, Any] = Field(
         default_factory=dict,
-        description="Engine options (max_num_seqs, kv_cache_memory_bytes, ...); they apply when the shared engine "
-        "for (model, device, dtype) is first created.",
+        description="Engine options (max_num_seqs, kv_cache_memory_bytes, ...); part of the shared engine's key "
+        "(xgenmm.client.open_engine): callers asking for other options get another engine.",
     )
     allow_remote_images: bool = Field(default=False, description="Fetch http(s) image URLs.")
     allow_local_files: bool = Field(default=False, description="Read images from local paths and file:// URLs.")
@@ -117,8 +118,7 @@ class XGenMM(FunctionCallingLLM):
         "callable (messages) -> StructuredOutputsParams | None choosing one per call (see llamaindex_xgenmm.react).",
     )
 
-    _engine: Optional[Engine] = PrivateAttr(default=None)
-    _engine_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _lazy_engine: LazyEngine = PrivateAttr(default_factory=LazyEngine)
 
     @classmethod
     def class_name(cls) -> str:
@@ -135,17 +135,22 @@ class XGenMM(FunctionCallingLLM):
         )
 
     # ---- engine ----------------------------------------------------------------------------------------------------
+    def _engine_arguments(self) -> dict[str, Any]:
+        return dict(backend=self.backend, model=self.model, device=self.device, dtype=self.dtype,
+                    tensor_parallel_size=self.tensor_parallel_size, **self.engine_options)
+
     @property
-    def engine(self) -> Engine:
-        """The engine, opened on first use (building an `XGenMM` is free). It is the process-wide one for
-        (model, device, dtype): every `XGenMM`, reader or other front end on the same weights shares weights, KV cache
-        and continuous batch. `.sync` is `xgenmm.LLM`-shaped, `.aio` `xgenmm.AsyncLLM`-shaped."""
-        if self._engine is None:
-            with self._engine_lock:
-                if self._engine is None:
-                    self._engine = get_engine(self.backend, model=self.model, device=self.device, dtype=self.dtype,
-                                              tensor_parallel_size=self.tensor_parallel_size, **self.engine_options)
-        return self._engine
+    def engine_clients(self) -> EngineClients:
+        """The engine's clients, opened on first use through the front door (`xgenmm.client.open_engine`; building
+        an `XGenMM` is free). Every `XGenMM`, reader or other front end asking for the same engine shares weights,
+        KV cache and continuous batch. `.sync` is an `xgenmm.LLM`, `.aio` an `xgenmm.AsyncLLM`."""
+        return self._lazy_engine.get(self._engine_arguments)
+
+    @property
+    def engine(self) -> EngineClients:
+        """Deprecated name of `engine_clients` (kept for 0.2 callers)."""
+        warnings.warn("XGenMM.engine is deprecated; use XGenMM.engine_clients", DeprecationWarning, stacklevel=2)
+        return self.engine_clients
 
     @property
     def image_policy(self) -> ImageInputPolicy:
@@ -159,7 +164,7 @@ class XGenMM(FunctionCallingLLM):
         return ImageInputPolicy.from_settings(self).with_hints(adapter_enable_hints("XGenMM"))
 
     def get_tokenizer(self):
-        return self.engine.sync.get_tokenizer()
+        return self.engine_clients.get_tokenizer()
 
     # ---- request translation ---------------------------------------------------------------------------------------
     def _request(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any],
@@ -186,23 +191,31 @@ class XGenMM(FunctionCallingLLM):
             image_policy=policy, output_kind=output_kind)
 
     def _sampling_params(self, kwargs: dict[str, Any]) -> SamplingParams:
-        """Instance defaults, then `sampling_params=`, then any SamplingParams field given by name. Other keyword
-        arguments (LlamaIndex passes framework ones) are not model options."""
+        """Instance defaults, then `sampling_params=` (a whole `SamplingParams`), then options by their OpenAI names
+        (`temperature`, `top_p`, `max_tokens` / `max_completion_tokens`, `seed`, `stop`, `n`, `presence_penalty`,
+        `frequency_penalty`, `logprobs` (bool) + `top_logprobs` (int)) or vLLM's extras (`top_k`, `min_p`,
+        `repetition_penalty`, ...), exactly as `ChatXGenMM` and the server take them; `structured_outputs=` a
+        constraint. A legacy integer `logprobs=k` still means k alternatives (`logprobs=True, top_logprobs=k`). Other
+        keyword arguments (LlamaIndex passes framework ones) are not model options."""
         explicit = kwargs.pop("sampling_params", None)
-        options: dict[str, Any] = {
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "max_tokens": self.max_tokens,
-            "seed": self.seed,
-            "stop": list(self.stop) or None,
-        }
         if explicit is not None:
             if not isinstance(explicit, SamplingParams):
                 raise SamplingParamsError(f"sampling_params must be a SamplingParams, got {type(explicit).__name__}")
             options = {f.name: getattr(explicit, f.name) for f in dataclasses.fields(SamplingParams)}
-        for name in list(kwargs):
-            if name in _SAMPLING_FIELDS:
-                options[name] = kwargs.pop(name)
+        else:
+            options = {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens,
+                       "seed": self.seed, "stop": list(self.stop) or None}
+        given = {name: kwargs.pop(name) for name in list(kwargs) if name in _SAMPLING_OPTION_NAMES}
+        if "structured_outputs" in kwargs:
+            options["structured_outputs"] = kwargs.pop("structured_outputs")
+        legacy = given.get("logprobs")
+        if isinstance(legacy, int) and not isinstance(legacy, bool):  # vLLM's meaning: how many alternatives
+            given["logprobs"], given["top_logprobs"] = True, given.get("top_logprobs", legacy)
+        if given:
+            mapped = sampling_params_from_openai(given, output_kind=options.get("output_kind", RequestOutputKind.FINAL_ONLY))
+            for name in given:
+                field = {"max_completion_tokens": "max_tokens", "top_logprobs": "logprobs"}.get(name, name)
+                options[field] = getattr(mapped, field)
         return SamplingParams(**options)
 
     # ---- chat ------------------------------------------------------------------------------------------------------
@@ -217,7 +230,7 @@ class XGenMM(FunctionCallingLLM):
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         request = self._request(messages, kwargs, RequestOutputKind.FINAL_ONLY)
-        output = self.engine.sync.chat(request.messages, request.params, **request.chat_kwargs())[0]
+        output = self.engine_clients.sync.chat(request)[0]
         return self._final(output, request)
 
     def chat_batch(self, conversations: Sequence[Sequence[ChatMessage]], **kwargs: Any) -> list[ChatResponse]:
@@ -225,14 +238,13 @@ class XGenMM(FunctionCallingLLM):
         requests = [self._request(c, kwargs, RequestOutputKind.FINAL_ONLY) for c in conversations]
         if not requests:
             return []
-        outputs = self.engine.sync.chat([r.messages for r in requests], [r.params for r in requests],
-                                        **requests[0].chat_kwargs())
+        outputs = self.engine_clients.sync.chat(requests)
         return [self._final(o, r) for o, r in zip(outputs, requests)]
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         request = self._request(messages, kwargs, RequestOutputKind.DELTA)
-        stream = self.engine.sync.chat_stream(request.messages, request.params, **request.chat_kwargs())
+        stream = self.engine_clients.sync.chat_stream(request)
         assembler = self._assembler(request)
 
         def gen() -> ChatResponseGen:
@@ -250,18 +262,18 @@ class XGenMM(FunctionCallingLLM):
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         request = self._request(messages, kwargs, RequestOutputKind.FINAL_ONLY)
         final = None
-        async for output in self.engine.aio.chat(request.messages, request.params, **request.chat_kwargs()):
+        async for output in self.engine_clients.aio.chat(request):
             final = output
         return self._final(final, request)
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
         request = self._request(messages, kwargs, RequestOutputKind.DELTA)
-        engine = self.engine
+        clients = self.engine_clients
         assembler = self._assembler(request)
 
         async def gen() -> ChatResponseAsyncGen:
-            stream = engine.aio.chat(request.messages, request.params, **request.chat_kwargs())
+            stream = clients.aio.chat(request)
             try:
                 async for output in stream:
                     response = assembler.feed(output)

@@ -61,6 +61,7 @@ def test_invalid_values_name_field_and_value(field, value):
     assert field in str(info.value)
     assert repr(value)[:20] in str(info.value)
     assert isinstance(info.value, ValueError)
+    assert info.value.field == field  # carried, so front ends never parse the message
 
 
 def test_boundaries_accepted():

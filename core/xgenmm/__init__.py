@@ -2,8 +2,14 @@
 
 from .async_llm import AsyncLLM
 from .checkpoint import DEFAULT_MODEL_ID, load_model, resolve_model_dir
+from . import errors as _errors
 from .errors import (
+    AttentionBackendUnavailableError,
     CheckpointError,
+    ConfigError,
+    DeviceError,
+    DtypeError,
+    EngineDeadError,
     ImageCountMismatchError,
     ImageError,
     ImageSourceNotAllowedError,
@@ -17,10 +23,11 @@ from .errors import (
 )
 from .llm import LLM
 from .multimodal.image_sources import ImageInputPolicy
+from .placement import Placement, resolve_device, resolve_dtype, resolve_placement
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from .sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "LLM",
@@ -36,15 +43,9 @@ __all__ = [
     "DEFAULT_MODEL_ID",
     "load_model",
     "resolve_model_dir",
-    "XGenMMError",
-    "CheckpointError",
-    "ModelNotFoundError",
-    "ImageError",
-    "ImageTooLargeError",
-    "ImageSourceNotAllowedError",
-    "PromptError",
-    "ImageCountMismatchError",
-    "PromptTooLongError",
-    "SamplingParamsError",
-    "RequestAbortedError",
+    "Placement",
+    "resolve_placement",
+    "resolve_device",
+    "resolve_dtype",
+    *_errors.__all__,
 ]

@@ -1,4 +1,10 @@
-"""Typed errors. Every user-facing failure is one of these, and names what is wrong."""
+"""Typed errors. Every user-facing failure is one of these, and names what is wrong and what to do about it.
+
+Front ends turn them into their own language by type (the server: HTTP 4xx with `param`; the CLI: one line on
+stderr and a non-zero exit), never by parsing the message text: an error about one field says which (`.field`).
+"""
+
+from __future__ import annotations
 
 
 class XGenMMError(Exception):
@@ -10,11 +16,20 @@ class CheckpointError(XGenMMError):
 
 
 class ModelNotFoundError(CheckpointError):
-    """A model id could not be resolved to a local directory (and could not be downloaded)."""
+    """A model could not be resolved to a local directory: a local path that does not exist, or a Hugging Face id
+    that is not in the cache and could not be downloaded."""
 
 
 class ConfigError(XGenMMError, ValueError):
-    """config.json (or a preprocessor / generation config) is invalid."""
+    """An invalid setting: config.json (or a preprocessor / generation config), or an engine / policy option."""
+
+
+class DeviceError(ConfigError):
+    """A device this torch build or machine cannot run on (e.g. "cuda" on a CPU-only torch), or an unknown name."""
+
+
+class DtypeError(ConfigError):
+    """A model dtype that is not one of the allowed values."""
 
 
 class ImageError(XGenMMError, ValueError):
@@ -42,7 +57,19 @@ class PromptTooLongError(PromptError):
 
 
 class SamplingParamsError(XGenMMError, ValueError):
-    """An invalid or unknown sampling option."""
+    """An invalid or unknown sampling option. `field` names the option (a `SamplingParams` field or an OpenAI
+    request field, e.g. "temperature", "response_format"); None when the error is not about one field."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+    def __reduce__(self):  # keep `field` across pickling (process pools, multiprocessing queues)
+        return (type(self), (str(self), self.field))
+
+
+class AttentionBackendUnavailableError(XGenMMError, RuntimeError):
+    """The requested attention backend cannot run here (e.g. Triton on a CPU without TRITON_INTERPRET=1)."""
 
 
 class RequestAbortedError(XGenMMError):
@@ -51,3 +78,23 @@ class RequestAbortedError(XGenMMError):
 
 class EngineDeadError(XGenMMError):
     """The engine loop stopped because of an unexpected internal error."""
+
+
+__all__ = [
+    "XGenMMError",
+    "CheckpointError",
+    "ModelNotFoundError",
+    "ConfigError",
+    "DeviceError",
+    "DtypeError",
+    "ImageError",
+    "ImageTooLargeError",
+    "ImageSourceNotAllowedError",
+    "PromptError",
+    "ImageCountMismatchError",
+    "PromptTooLongError",
+    "SamplingParamsError",
+    "AttentionBackendUnavailableError",
+    "RequestAbortedError",
+    "EngineDeadError",
+]

@@ -45,15 +45,17 @@ def _is_number(value: Any) -> bool:
 
 
 def _fail(name: str, value: Any, requirement: str) -> SamplingParamsError:
-    return SamplingParamsError(f"invalid sampling option {name}={value!r}: {requirement}")
+    return SamplingParamsError(f"invalid sampling option {name}={value!r}: {requirement}", field=name)
 
 
 def _reject_unknown(cls: type, names) -> None:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(names) - known)
     if unknown:
+        prefix = "structured_outputs." if cls.__name__ == "StructuredOutputsParams" else ""
         raise SamplingParamsError(
-            f"unknown {cls.__name__} option(s): {', '.join(map(repr, unknown))}; valid options: {', '.join(sorted(known))}"
+            f"unknown {cls.__name__} option(s): {', '.join(map(repr, unknown))}; valid options: {', '.join(sorted(known))}",
+            field=prefix + unknown[0],
         )
 
 
@@ -63,7 +65,8 @@ def _robust_init(cls: type) -> type:
 
     def __init__(self, *args, **kwargs):
         if args:
-            raise SamplingParamsError(f"{cls.__name__} takes keyword arguments only, got {len(args)} positional")
+            raise SamplingParamsError(f"{cls.__name__} takes keyword arguments only, got {len(args)} positional",
+                                      field=None)
         _reject_unknown(cls, kwargs)
         dataclass_init(self, **kwargs)
 
@@ -100,7 +103,8 @@ class StructuredOutputsParams:
         if len(chosen) != 1:
             raise SamplingParamsError(
                 "structured_outputs: exactly one of json, json_object, regex, choice, grammar must be set, "
-                f"got {chosen or 'none'}"
+                f"got {chosen or 'none'}",
+                field="structured_outputs",
             )
         if not isinstance(self.whitespace_flexible, bool):
             raise _fail("structured_outputs.whitespace_flexible", self.whitespace_flexible, "must be a bool")
@@ -277,7 +281,7 @@ class SamplingParams:
     def from_dict(cls, data: Mapping[str, Any]) -> "SamplingParams":
         """Build from a plain dict (e.g. a JSON request body); `structured_outputs` may be a nested dict."""
         if not isinstance(data, Mapping):
-            raise SamplingParamsError(f"sampling params must be a mapping, got {type(data).__name__}")
+            raise SamplingParamsError(f"sampling params must be a mapping, got {type(data).__name__}", field=None)
         return cls(**dict(data))
 
     def to_dict(self) -> dict[str, Any]:

@@ -50,13 +50,13 @@ def test_sections_past_the_budget_are_skipped(tmp_path):
 
 def test_decode_step_breakdown_times_each_engine_phase_and_restores_the_engine(tiny_checkpoint):
     from xgenmm import LLM, SamplingParams
-    from xgenmm.engine.engine_loop import create_engine_loop
+    from xgenmm.client import open_engine
 
     gc = _load()
-    loop = create_engine_loop(str(tiny_checkpoint), "cpu", "float32")
+    handle = open_engine("native", str(tiny_checkpoint), "cpu", "float32", shared=False)
     try:
-        llm = LLM.from_engine_loop(loop)
-        engine = llm.engine
+        llm = LLM.from_handle(handle)
+        engine = llm.handle.core
         sampler = engine.sampler
         params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
         res = gc._decode_step_breakdown(llm, engine, engine.runner, torch.device("cpu"), "a lighthouse", params)
@@ -70,4 +70,4 @@ def test_decode_step_breakdown_times_each_engine_phase_and_restores_the_engine(t
         assert engine.sampler is sampler and "step" not in vars(engine) and "execute" not in vars(engine.runner)
         assert len(llm.generate("again", params)[0].outputs[0].token_ids) == 6
     finally:
-        loop.shutdown()
+        handle.shutdown()

@@ -2,8 +2,8 @@
 `SamplingParams` and identical greedy tokens, whether it came through the HTTP server, `ChatXGenMM` (LangChain) or
 `XGenMM` (LlamaIndex). (The vLLM backend runs the same cases in tests/vllm_backend/test_vllm_conformance.py.)
 
-Every front end here shares one engine (the process-wide one for the tiny checkpoint); a spy on its loop records
-what each call prepared and the final output the engine produced for it.
+Every front end here shares one engine (the process-wide one for the tiny checkpoint); a spy on its handle records
+what each call submitted and the final output the engine produced for it.
 """
 
 from __future__ import annotations
@@ -15,27 +15,23 @@ import pytest
 
 from tests.chat.conformance_cases import CASES, MAX_TOKENS, Case
 from xgenmm import AsyncLLM
-from xgenmm.engine.engine_loop import get_engine_loop
+from xgenmm.client import open_engine
 from xgenmm.outputs import RequestOutput
 from xgenmm.sampling_params import RequestOutputKind
 from xgenmm.server import BackgroundServer, ServerConfig
 
 class _Spy:
-    """Records (prompt ids, params, final output) of every request the shared engine loop prepares."""
+    """Records (prompt ids, params, final output) of every request the shared engine's handle submits to its core."""
 
-    def __init__(self, loop):
-        self.loop = loop
+    def __init__(self, handle):
+        self.handle = handle
         self.records: list[dict] = []
-        self._prepare, self._submit = loop.prepare, loop.submit
-
-    def prepare(self, prompt, params, request_id=None, image_policy=None):
-        prepared = self._prepare(prompt, params, request_id, image_policy)
-        self.records.append({"id": prepared.request_id, "ids": list(prepared.prompt_token_ids),
-                             "params": prepared.params, "output": None})
-        return prepared
+        self._submit = handle.submit
 
     def submit(self, prepared, sink):
-        record = next(r for r in self.records if r["id"] == prepared.request_id)
+        record = {"id": prepared.request_id, "ids": list(prepared.prompt_token_ids), "params": prepared.params,
+                  "output": None}
+        self.records.append(record)
 
         def spy_sink(out):
             if isinstance(out, RequestOutput):
@@ -50,11 +46,11 @@ class _Spy:
 
 @pytest.fixture(scope="module")
 def spy(tiny_checkpoint):
-    loop = get_engine_loop(str(tiny_checkpoint), "cpu", "float32")
-    recorder = _Spy(loop)
-    loop.prepare, loop.submit = recorder.prepare, recorder.submit
+    handle = open_engine("native", str(tiny_checkpoint), "cpu", "float32")
+    recorder = _Spy(handle)
+    handle.submit = recorder.submit
     yield recorder
-    del loop.prepare, loop.submit  # back to the class methods
+    del handle.submit  # back to the class method
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +173,7 @@ def test_the_rules_where_front_ends_used_to_differ(spy, server, tiny_checkpoint)
     assert "maxLength" in params.structured_outputs.grammar
     none = next(c for c in CASES if c.name == "tools_none")
     _via_llamaindex(tiny_checkpoint, none)
-    text = spy.loop.engine.tokenizer.decode(spy.last()["ids"])
+    text = spy.handle.tokenizer.decode(spy.last()["ids"])
     assert "get_weather" not in text and "<tools>" not in text  # tool_choice="none" shows no tools
     schema_case = next(c for c in CASES if c.name == "json_schema")
     _via_server(server, schema_case)

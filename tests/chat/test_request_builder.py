@@ -119,6 +119,6 @@ def test_adapters_share_one_image_policy_and_engine_resolution(tmp_path):
         assert XGenMM(image_fetch_timeout=2.0).image_policy.fetch_timeout_s == 2.0
     # tensor_parallel_size reaches the engine resolver from both adapters (and needs the vLLM backend)
     with pytest.raises(ConfigError, match="tensor_parallel_size"):
-        XGenMM(model=str(tmp_path), tensor_parallel_size=2).engine
+        XGenMM(model=str(tmp_path), tensor_parallel_size=2).engine_clients
     with pytest.raises(ConfigError, match="tensor_parallel_size"):
-        ChatXGenMM(model=str(tmp_path), tensor_parallel_size=2)._get_engine()
+        ChatXGenMM(model=str(tmp_path), tensor_parallel_size=2)._engine_clients()

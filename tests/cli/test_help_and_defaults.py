@@ -46,10 +46,11 @@ def test_one_documented_max_tokens_default_across_front_ends():
 def test_dtype_help_matches_what_the_engine_picks_on_this_cpu():
     import torch
 
-    from xgenmm.checkpoint import cpu_computes_bf16, parse_dtype
+    from xgenmm.cpu_features import cpu_computes_bf16
+    from xgenmm.placement import resolve_dtype
 
     help_text = " ".join(_subparser("chat").format_help().split())
     assert "bfloat16 on GPU and on CPUs that compute bf16 natively" in help_text
     assert "float32 on other CPUs" in help_text
-    picked = parse_dtype(None, None, torch.device("cpu"))
+    picked = resolve_dtype(None, None, torch.device("cpu"))
     assert picked == (torch.bfloat16 if cpu_computes_bf16() else torch.float32)

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from xgenmm.engine.block_manager import ROOT_HASH, BlockManager, block_extra_keys, hash_block
 from xgenmm.special_tokens import IMAGE_TOKEN_ID as P  # image positions hold the <image> id
-from xgenmm.engine.sequence import ImageSpan, Sequence
+from xgenmm.engine.sequence import Sequence
+from xgenmm.multimodal.spans import ImageSpan
 from xgenmm.errors import ConfigError, PromptError
 
 

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from xgenmm import LLM, AsyncLLM, RequestOutputKind, SamplingParams
-from xgenmm.engine.engine_loop import create_engine_loop
+from xgenmm.client import open_engine
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
@@ -19,27 +19,27 @@ def _prompt(i: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def loop(tiny_checkpoint):
-    engine_loop = create_engine_loop(str(tiny_checkpoint), "cpu", "float32", max_num_seqs=32)
-    yield engine_loop
-    engine_loop.shutdown()
+def handle(tiny_checkpoint):
+    engine_handle = open_engine("native", str(tiny_checkpoint), "cpu", "float32", max_num_seqs=32, shared=False)
+    yield engine_handle
+    engine_handle.shutdown()
 
 
 @pytest.fixture(scope="module")
-def reference(loop):
-    llm = LLM.from_engine_loop(loop)
+def reference(handle):
+    llm = LLM.from_handle(handle)
     return {i: llm.generate(_prompt(i), PARAMS)[0].outputs[0].token_ids for i in range(8)}
 
 
-def _assert_pool_drained(loop):
-    bm = loop.engine.block_manager
-    assert loop.engine.num_requests == 0
+def _assert_pool_drained(handle):
+    bm = handle.core.block_manager
+    assert handle.core.num_requests == 0
     assert bm.num_free_blocks == bm.num_total_blocks
     bm.check_invariants()
 
 
-def test_64_threads_some_cancelled(loop, reference):
-    llm = LLM.from_engine_loop(loop)
+def test_64_threads_some_cancelled(handle, reference):
+    llm = LLM.from_handle(handle)
     results: dict[int, list[int]] = {}
     errors: list[BaseException] = []
     long_params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
@@ -65,12 +65,12 @@ def test_64_threads_some_cancelled(loop, reference):
     assert len(results) == 64 - len(range(0, 64, 5))
     for i, tokens in results.items():
         assert tokens == reference[i % 8], i
-    llm.generate(_prompt(0), PARAMS)  # the loop has handled every abort by the time this returns
-    _assert_pool_drained(loop)
+    llm.generate(_prompt(0), PARAMS)  # the handle has handled every abort by the time this returns
+    _assert_pool_drained(handle)
 
 
-def test_64_asyncio_tasks_some_cancelled(loop, reference):
-    allm = AsyncLLM.from_engine_loop(loop)
+def test_64_asyncio_tasks_some_cancelled(handle, reference):
+    allm = AsyncLLM.from_handle(handle)
 
     # The long ones (every fourth) are cancelled midway: once each has streamed its first output, far from its
     # max_tokens, so the cancel always lands while the request is still running (a fixed sleep raced a fast CI run).
@@ -99,13 +99,13 @@ def test_64_asyncio_tasks_some_cancelled(loop, reference):
             assert isinstance(res, asyncio.CancelledError), (i, res)
         else:
             assert res == reference[i % 8], i
-    LLM.from_engine_loop(loop).generate(_prompt(0), PARAMS)
-    assert loop.stats().num_running == 0
-    _assert_pool_drained(loop)
+    LLM.from_handle(handle).generate(_prompt(0), PARAMS)
+    assert handle.stats().num_running == 0
+    _assert_pool_drained(handle)
 
 
-def test_a_failing_request_does_not_disturb_concurrent_ones(loop, reference):
-    allm = AsyncLLM.from_engine_loop(loop)
+def test_a_failing_request_does_not_disturb_concurrent_ones(handle, reference):
+    allm = AsyncLLM.from_handle(handle)
 
     async def ok(i):
         out = None

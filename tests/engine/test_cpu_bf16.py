@@ -9,9 +9,11 @@ import torch
 from PIL import Image
 
 from xgenmm import LLM, SamplingParams, cpu_kernels
-from xgenmm.checkpoint import cpu_computes_bf16, load_model, parse_dtype
+from xgenmm.checkpoint import load_model
+from xgenmm.cpu_features import cpu_computes_bf16
+from xgenmm.placement import resolve_dtype
 from xgenmm.model.config import XGenMMConfig
-from xgenmm.engine.engine_loop import create_engine_loop
+from xgenmm.client import open_engine
 
 native_bf16 = pytest.mark.skipif(not (cpu_computes_bf16() and cpu_kernels.available()),
                                  reason="this CPU has no native bf16 (or the CPU kernels did not build)")
@@ -20,10 +22,10 @@ native_bf16 = pytest.mark.skipif(not (cpu_computes_bf16() and cpu_kernels.availa
 def test_auto_dtype_on_cpu_is_bf16_exactly_where_the_cpu_computes_it(tiny_checkpoint):
     config = XGenMMConfig.from_pretrained(tiny_checkpoint)
     expected = torch.bfloat16 if cpu_computes_bf16() else torch.float32
-    assert parse_dtype(None, config, torch.device("cpu")) == expected
-    assert parse_dtype("auto", config, torch.device("cpu")) == expected
-    assert parse_dtype("float32", config, torch.device("cpu")) == torch.float32
-    assert parse_dtype(None, config, torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype(None, config, torch.device("cpu")) == expected
+    assert resolve_dtype("auto", config, torch.device("cpu")) == expected
+    assert resolve_dtype("float32", config, torch.device("cpu")) == torch.float32
+    assert resolve_dtype(None, config, torch.device("cuda")) == torch.bfloat16
     assert cpu_computes_bf16() == bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
@@ -52,12 +54,12 @@ def test_bf16_engine_identical_alone_batched_preempted_and_cached(tiny_checkpoin
     images = [Image.open(p) for p in sorted((fixture_dir / "images").glob("*.png"))]
     prompts = _requests(12, images)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=1)
-    loop = create_engine_loop(str(tiny_checkpoint), "cpu", "bfloat16")
+    handle = open_engine("native", str(tiny_checkpoint), "cpu", "bfloat16", shared=False)
     try:
-        engine = loop.engine
+        engine = handle.core
         assert engine.dtype == torch.bfloat16 and engine.runner.kv_caches[0][0].dtype == torch.bfloat16
         assert engine.runner.backend.name == "cpu_paged" and engine.model.linear_kernel == "onednn+xgenmm_bf16"
-        llm = LLM.from_engine_loop(loop)
+        llm = LLM.from_handle(handle)
         alone = [_result(llm.generate(p, params)[0]) for p in prompts[:5]]
         batched = [_result(o) for o in llm.generate(prompts, params)]
         assert batched[:5] == alone
@@ -65,11 +67,11 @@ def test_bf16_engine_identical_alone_batched_preempted_and_cached(tiny_checkpoin
         assert [_result(o) for o in cached] == batched
         assert all(o.num_cached_tokens > 0 for o in cached)
     finally:
-        loop.shutdown()
-    small = create_engine_loop(str(tiny_checkpoint), "cpu", "bfloat16", kv_cache_memory_bytes=70 * 16 * 512,
-                               max_num_batched_tokens=256, enable_prefix_caching=False)
+        handle.shutdown()
+    small = open_engine("native", str(tiny_checkpoint), "cpu", "bfloat16", kv_cache_memory_bytes=70 * 16 * 512,
+                               max_num_batched_tokens=256, enable_prefix_caching=False, shared=False)
     try:
-        preempted = LLM.from_engine_loop(small).generate(prompts, params)
+        preempted = LLM.from_handle(small).generate(prompts, params)
         assert small.stats().num_preemptions > 0
         assert [_result(o) for o in preempted] == batched
     finally:
@@ -78,7 +80,7 @@ def test_bf16_engine_identical_alone_batched_preempted_and_cached(tiny_checkpoin
 
 @native_bf16
 def test_bf16_vision_tokens_do_not_depend_on_grouping(tiny_checkpoint, fixture_dir):
-    from xgenmm.image_processing import ImageProcessor
+    from xgenmm.multimodal.image_processing import ImageProcessor
 
     model = load_model(tiny_checkpoint, "cpu", "bfloat16")
     processor = ImageProcessor.from_pretrained(tiny_checkpoint)

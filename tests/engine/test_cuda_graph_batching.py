@@ -23,7 +23,8 @@ from xgenmm.checkpoint import load_model  # noqa: E402
 from xgenmm.engine import cuda_graphs as cg  # noqa: E402
 from xgenmm.engine.block_manager import BlockManager  # noqa: E402
 from xgenmm.engine.model_runner import ModelRunner, StepBatch  # noqa: E402
-from xgenmm.engine.sequence import ImageSpan, Sequence  # noqa: E402
+from xgenmm.engine.sequence import Sequence  # noqa: E402
+from xgenmm.multimodal.spans import ImageSpan  # noqa: E402
 
 BS = 16
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from tests.support import XGENMM_TINY
 from xgenmm import LLM, RequestOutputKind, SamplingParams
-from xgenmm.engine.engine_loop import create_engine_loop
+from xgenmm.client import open_engine
 from xgenmm.errors import ImageCountMismatchError, PromptError, PromptTooLongError, SamplingParamsError
 
 FIXTURES = XGENMM_TINY
@@ -31,9 +31,9 @@ def _fixture_prompts():
 
 @pytest.fixture(scope="module")
 def fixture_llm(fixture_checkpoint_with_tokenizer):
-    loop = create_engine_loop(str(fixture_checkpoint_with_tokenizer), "cpu", "float32")
-    yield LLM.from_engine_loop(loop)
-    loop.shutdown()
+    handle = open_engine("native", str(fixture_checkpoint_with_tokenizer), "cpu", "float32", shared=False)
+    yield LLM.from_handle(handle)
+    handle.shutdown()
 
 
 def test_public_api_reproduces_every_fixture_case_batched(fixture_llm):
@@ -70,9 +70,9 @@ def _mixed_requests(n=16):
 
 @pytest.fixture(scope="module")
 def tiny_llm(tiny_checkpoint):
-    loop = create_engine_loop(str(tiny_checkpoint), "cpu", "float32")
-    yield LLM.from_engine_loop(loop)
-    loop.shutdown()
+    handle = open_engine("native", str(tiny_checkpoint), "cpu", "float32", shared=False)
+    yield LLM.from_handle(handle)
+    handle.shutdown()
 
 
 def test_greedy_identical_alone_batched_preempted_and_prefix_cached(tiny_checkpoint, tiny_llm):
@@ -87,14 +87,14 @@ def test_greedy_identical_alone_batched_preempted_and_prefix_cached(tiny_checkpo
 
     # A KV pool far smaller than 16 x ~500 tokens forces preemption by recompute; a small token budget forces
     # chunked prefill mixed with decodes.
-    small = create_engine_loop(str(tiny_checkpoint), "cpu", "float32", kv_cache_memory_bytes=70 * 16 * 1024,
-                               max_num_batched_tokens=256, enable_prefix_caching=False)
+    small = open_engine("native", str(tiny_checkpoint), "cpu", "float32", kv_cache_memory_bytes=70 * 16 * 1024,
+                               max_num_batched_tokens=256, enable_prefix_caching=False, shared=False)
     try:
-        llm = LLM.from_engine_loop(small)
+        llm = LLM.from_handle(small)
         preempted = llm.generate(prompts, params)
         assert small.stats().num_preemptions > 0
         assert [o.outputs[0].token_ids for o in preempted] == [o.outputs[0].token_ids for o in batched]
-        assert small.engine.block_manager.num_free_blocks == small.engine.block_manager.num_total_blocks
+        assert small.core.block_manager.num_free_blocks == small.core.block_manager.num_total_blocks
     finally:
         small.shutdown()
 
@@ -132,12 +132,12 @@ def test_stop_strings_stop_tokens_and_delta_streaming(tiny_llm):
 
 
 def test_closing_a_stream_aborts_and_frees_blocks(tiny_llm):
-    bm = tiny_llm.engine.block_manager
+    bm = tiny_llm.handle.core.block_manager
     stream = tiny_llm.stream(_mixed_requests(1)[0], SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True))
     next(stream)
     next(stream)
     stream.close()
-    tiny_llm.generate("<|user|>\nhi<|end|>\n<|assistant|>\n", SamplingParams(max_tokens=2))  # loop has processed the abort
+    tiny_llm.generate("<|user|>\nhi<|end|>\n<|assistant|>\n", SamplingParams(max_tokens=2))  # handle has processed the abort
     assert tiny_llm.stats().num_running == 0
     assert bm.num_free_blocks == bm.num_total_blocks
 
@@ -154,11 +154,15 @@ def test_bad_requests_fail_alone_with_clear_errors(tiny_checkpoint, tiny_llm):
         SamplingParams(temperature=-1)
     with pytest.raises(PromptError, match="unsupported modality"):
         tiny_llm.generate({"prompt": "x", "multi_modal_data": {"audio": b"..."}})
+    with pytest.raises(PromptError, match="prompts must be a str, a prompt dict or a list"):
+        tiny_llm.generate(123)
+    with pytest.raises(PromptError, match="prompt_token_ids must be a list of int token ids"):
+        tiny_llm.generate({"prompt_token_ids": [1, "a"]})
     with pytest.raises(PromptTooLongError):
         tiny_llm.generate("word " * 5000)
-    small = create_engine_loop(str(tiny_checkpoint), "cpu", "float32", kv_cache_memory_bytes=8 * 16 * 1024)
+    small = open_engine("native", str(tiny_checkpoint), "cpu", "float32", kv_cache_memory_bytes=8 * 16 * 1024, shared=False)
     try:
-        llm = LLM.from_engine_loop(small)
+        llm = LLM.from_handle(small)
         # the image prompt needs ~25 blocks: it can never fit this 8-block cache, while a short prompt still runs
         stream_ok = llm.stream("<|user|>\nhi<|end|>\n<|assistant|>\n", SamplingParams(temperature=0, max_tokens=4))
         with pytest.raises(PromptTooLongError, match="blocks"):
@@ -172,9 +176,9 @@ def test_base_model_fuses_image_placeholders(tmp_path):
     from xgenmm.testing import make_random_checkpoint
 
     ckpt = make_random_checkpoint(tmp_path / "base", preset="tiny", variant="base")
-    loop = create_engine_loop(str(ckpt), "cpu", "float32")
+    handle = open_engine("native", str(ckpt), "cpu", "float32", shared=False)
     try:
-        llm = LLM.from_engine_loop(loop)
+        llm = LLM.from_handle(handle)
         img = Image.open(next((FIXTURES / "images").glob("*.png")))
         short = llm.generate({"prompt": "<image> a photo of", "multi_modal_data": {"image": img}}, GREEDY8)[0]
         long = llm.generate({"prompt": "<image>" + "<image placeholder>" * 127 + " a photo of",
@@ -184,4 +188,4 @@ def test_base_model_fuses_image_placeholders(tmp_path):
         assert short.metrics.num_prompt_tokens == long.metrics.num_prompt_tokens == 128 + len(text_ids) - 1
         assert short.outputs[0].token_ids == long.outputs[0].token_ids
     finally:
-        loop.shutdown()
+        handle.shutdown()

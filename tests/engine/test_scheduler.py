@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from xgenmm.engine.block_manager import BlockManager
 from xgenmm.engine.scheduler import Scheduler, SchedulerOutput
 from xgenmm.special_tokens import IMAGE_TOKEN_ID as P  # image positions hold the <image> id
-from xgenmm.engine.sequence import ImageSpan, Sequence, SequenceStatus
+from xgenmm.engine.sequence import Sequence, SequenceStatus
+from xgenmm.multimodal.spans import ImageSpan
 from xgenmm.errors import PromptTooLongError
 
 IMAGE_LENGTHS = {"imgA": 5, "imgB": 5, "imgC": 7}

@@ -68,7 +68,7 @@ def test_engine_prefetches_waiting_images_and_tokens_do_not_change(tiny_checkpoi
     with two running sequences at most, the images of waiting requests are encoded ahead through
     `encode_images_async`, each distinct image exactly once, and greedy tokens equal the engine without prefetch."""
     from xgenmm import LLM, SamplingParams
-    from xgenmm.engine.engine_loop import create_engine_loop
+    from xgenmm.client import open_engine
 
     rng = np.random.default_rng(1)
     pictures = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
@@ -79,11 +79,11 @@ def test_engine_prefetches_waiting_images_and_tokens_do_not_change(tiny_checkpoi
 
     results = {}
     for prefetch in (False, True):
-        loop = create_engine_loop(str(tiny_checkpoint), "cpu", "float32", max_num_seqs=2, prefetch_images=prefetch,
-                                  enable_prefix_caching=False, enforce_eager=not prefetch)
+        handle = open_engine("native", str(tiny_checkpoint), "cpu", "float32", max_num_seqs=2, prefetch_images=prefetch,
+                                  enable_prefix_caching=False, enforce_eager=not prefetch, shared=False)
         try:
-            engine = loop.engine
-            assert engine.prefetch_images is prefetch
+            engine = handle.core
+            assert engine.vision.prefetch_enabled is prefetch
             runner = engine.runner
             # the engine's limits reach the runner (they size the CUDA graph buckets); enforce_eager turns graphs off
             assert runner.max_num_seqs == 2 and runner.max_model_len == engine.max_model_len
@@ -101,16 +101,16 @@ def test_engine_prefetches_waiting_images_and_tokens_do_not_change(tiny_checkpoi
 
             runner.encode_images_async = counting_async
             runner.encode_images = counting_encode  # the async path calls this too (after logging ahead)
-            outs = LLM.from_engine_loop(loop).generate(prompts, params)
+            outs = LLM.from_handle(handle).generate(prompts, params)
             results[prefetch] = [o.outputs[0].token_ids for o in outs]
             # every distinct picture reached the vision tower exactly once
             assert sorted(set(encoded_sync)) == sorted(encoded_sync) and len(encoded_sync) == len(pictures)
             if prefetch:
                 assert len(encoded_ahead) >= 3, "waiting requests' images were not encoded ahead"
-                assert not engine._prefetching  # every prefetched encoding was consumed
+                assert not engine.vision._prefetching  # every prefetched encoding was consumed
             else:
                 assert encoded_ahead == []
             assert engine.block_manager.num_free_blocks == engine.block_manager.num_total_blocks
         finally:
-            loop.shutdown()
+            handle.shutdown()
     assert results[True] == results[False]

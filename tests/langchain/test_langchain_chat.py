@@ -329,10 +329,10 @@ class _StubEngine:
                                                                          finish_reason="stop" if finished else None)],
                              finished, RequestMetrics(0.0, num_prompt_tokens=3, num_generated_tokens=4))
 
-    def chat(self, messages, params, tools=None, image_policy=None, **render_options):
+    def chat(self, request):  # one ChatRequest, as ChatXGenMM sends it
         return [self._out(self.text, True)]
 
-    def chat_stream(self, messages, params, tools=None, image_policy=None, **render_options):
+    def chat_stream(self, request):
         n = max(1, len(self.text) // self.pieces)
         deltas = [self.text[i:i + n] for i in range(0, len(self.text), n)] or [""]
         for i, d in enumerate(deltas):
@@ -340,11 +340,11 @@ class _StubEngine:
 
 
 def _stubbed(text: str) -> ChatXGenMM:
-    from xgenmm.backends import Engine
+    from xgenmm.lazy_engine import EngineClients
 
     model = ChatXGenMM(model="stub")
     stub = _StubEngine(text)
-    model._engine = Engine("stub", stub, None)
+    model._lazy_engine.set(EngineClients(None, stub, None))
     return model.bind_tools([add])
 
 
@@ -384,7 +384,7 @@ def test_tool_history_is_rendered(llm):
     core = to_core_messages(messages)
     assert core[1]["tool_calls"][0]["function"] == {"name": "add", "arguments": '{"a": 1, "b": 2}'}
     assert core[2] == {"role": "tool", "tool_call_id": "abc", "name": "add", "content": "3"}
-    text = llm._get_engine().sync.engine.chat_renderer.render_text(core, tools=[])[0]
+    text = llm._engine_clients().handle.chat_renderer.render_text(core, tools=[])[0]
     assert '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>' in text
     assert '<tool_response name="add">\n3\n</tool_response>' in text
 
@@ -463,7 +463,7 @@ def test_abatch_reaches_the_engine_together(llm):
 
 def test_no_weights_load_in_init():
     model = ChatXGenMM(model="/nonexistent/checkpoint")
-    assert model._engine is None
+    assert not model._lazy_engine.is_open
     assert model._identifying_params["model"] == "/nonexistent/checkpoint"
     params = model._get_ls_params(stop=["x"])
     assert params["ls_provider"] == "xgenmm" and params["ls_model_name"] == "/nonexistent/checkpoint"

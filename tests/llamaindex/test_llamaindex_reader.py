@@ -9,7 +9,7 @@ import pytest
 from llama_index.core import SimpleDirectoryReader, VectorStoreIndex
 from llama_index.core.schema import ImageDocument, ImageNode
 
-from xgenmm.backends import Engine
+from xgenmm.lazy_engine import EngineClients
 from xgenmm.errors import ImageError
 
 NAMES = ["blue.png", "green.png", "red.png"]
@@ -23,7 +23,8 @@ class _CountingSync:
         self.chat_sizes: list[int] = []
 
     def chat(self, messages, *args, **kwargs):
-        self.chat_sizes.append(len(messages) if messages and isinstance(messages[0], list) else 1)
+        batched = isinstance(messages, list) and messages and not isinstance(messages[0], dict)
+        self.chat_sizes.append(len(messages) if batched else 1)
         return self.inner.chat(messages, *args, **kwargs)
 
     def __getattr__(self, name):
@@ -35,8 +36,8 @@ def reader_llm(model_path):
     from llama_index.llms.xgenmm import XGenMM
 
     llm = XGenMM(model=model_path, device="cpu", dtype="float32", max_tokens=6)
-    real = llm.engine
-    llm._engine = Engine(real.backend, _CountingSync(real.sync), real.aio)
+    real = llm.engine_clients
+    llm._lazy_engine.set(EngineClients(real.handle, _CountingSync(real.sync), real.aio))
     return llm
 
 
@@ -66,7 +67,7 @@ def test_load_data_one_file(reader, image_dir):
 
 def test_load_data_many_files_is_one_engine_batch(reader, image_dir):
     paths = [image_dir / n for n in NAMES]
-    sizes = reader.llm.engine.sync.chat_sizes
+    sizes = reader.llm.engine_clients.sync.chat_sizes
     before = len(sizes)
     docs = reader.load_data(paths)
     assert sizes[before:] == [3]  # one batched call for the three images

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xgenmm.checkpoint import load_model
+from xgenmm.errors import ConfigError
 from xgenmm.model.cpu_linear import OneDNNLinear, onednn_linear, onednn_linear_available, use_onednn_linears
 
 pytestmark = pytest.mark.skipif(not onednn_linear_available("cpu", torch.float32),
@@ -57,12 +58,12 @@ def test_loader_runs_the_whole_model_on_onednn_on_cpu(tiny_checkpoint):
         a, b = fast.compute_logits(hidden), plain.compute_logits(hidden)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert torch.equal(a.argmax(-1), b.argmax(-1))
-    with pytest.raises(ValueError, match="linear_kernel"):
+    with pytest.raises(ConfigError, match="linear_kernel"):
         load_model(tiny_checkpoint, "cpu", "float32", linear_kernel="mkl")
 
 
 def test_bfloat16_on_cpu_follows_native_bf16_support(tiny_checkpoint):
-    from xgenmm.checkpoint import cpu_computes_bf16
+    from xgenmm.cpu_features import cpu_computes_bf16
 
     native = cpu_computes_bf16()
     assert onednn_linear_available("cpu", torch.bfloat16) == native

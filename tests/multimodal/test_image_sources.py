@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from xgenmm.errors import ImageError, ImageSourceNotAllowedError, ImageTooLargeError
+from xgenmm.errors import ConfigError, ImageError, ImageSourceNotAllowedError, ImageTooLargeError
 from xgenmm.multimodal import image_sources, remote_fetch
 from xgenmm.multimodal.image_sources import (
     DEFAULT_MAX_IMAGE_BYTES,
@@ -485,10 +485,12 @@ def test_dripping_server_hits_the_overall_deadline(server: _Server):
 
 
 def test_policy_validation():
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="max_image_bytes must be positive"):
         ImageInputPolicy(max_image_bytes=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="fetch_timeout_s must be positive"):
         ImageInputPolicy(fetch_timeout_s=0)
+    with pytest.raises(ConfigError, match="max_request_image_pixels"):
+        ImageInputPolicy(max_request_image_pixels=-1)
     policy = ImageInputPolicy(local_file_roots=[Path("/tmp")], allowed_schemes=["HTTPS"])  # type: ignore[arg-type]
     assert policy.local_file_roots == ("/tmp",) and policy.allowed_schemes == ("https",)
     assert os.fspath(Path("/tmp")) in policy.local_file_roots

@@ -10,16 +10,16 @@ from PIL import Image
 
 from tests.server.support import make_config
 from xgenmm import AsyncLLM
-from xgenmm.engine.engine_loop import create_engine_loop
+from xgenmm.client import open_engine
 from xgenmm.server import BackgroundServer
 
 
 @pytest.fixture(scope="session")
 def server_llm(tiny_checkpoint):
     """A private engine (small KV cache) shared by every server in this directory."""
-    loop = create_engine_loop(str(tiny_checkpoint), "cpu", "float32", kv_cache_memory_bytes=64 * 1024**2)
-    yield AsyncLLM.from_engine_loop(loop)
-    loop.shutdown()
+    handle = open_engine("native", str(tiny_checkpoint), "cpu", "float32", kv_cache_memory_bytes=64 * 1024**2, shared=False)
+    yield AsyncLLM.from_handle(handle)
+    handle.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -96,7 +96,7 @@ async def wave(base_url: str, image_url: str, engine) -> tuple[list[dict], int]:
 
 def wait_until_idle(engine, timeout_s: float = 20.0) -> None:
     deadline = time.monotonic() + timeout_s
-    while engine.has_unfinished_requests() or engine.scheduler.num_running or engine.scheduler.num_waiting:
+    while engine.has_unfinished() or engine.scheduler.num_running or engine.scheduler.num_waiting:
         assert time.monotonic() < deadline, "the engine did not drain after the clients left"
         time.sleep(0.02)
 
@@ -127,7 +127,7 @@ def run_wave(server, image_data_url, engine) -> tuple[list[dict], int, int]:
 
 
 def test_64_streaming_clients_some_hanging_up(server, server_llm, image_data_url, caplog):
-    engine = server_llm.engine
+    engine = server_llm.handle.core
     bm = engine.block_manager
     caplog.set_level(logging.WARNING)
     rss = []
@@ -161,7 +161,7 @@ def test_64_streaming_clients_some_hanging_up(server, server_llm, image_data_url
 
 
 def test_a_non_streaming_client_that_leaves_aborts_its_request(server, server_llm):
-    engine = server_llm.engine
+    engine = server_llm.handle.core
     before = engine.stats().num_generated_tokens
     body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Write a very long story."}],
             "max_tokens": 3000, "temperature": 1.0, "ignore_eos": True}

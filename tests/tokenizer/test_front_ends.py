@@ -15,7 +15,7 @@ from PIL import Image
 
 from tests.support import TOKENIZER_FIXTURES
 from xgenmm import LLM, AsyncLLM, RequestOutputKind, SamplingParams
-from xgenmm.engine.engine_loop import create_engine_loop
+from xgenmm.client import open_engine
 from xgenmm.server import BackgroundServer, ServerConfig
 
 CASES = json.loads((TOKENIZER_FIXTURES / "cases.json").read_text(encoding="utf-8"))
@@ -46,15 +46,15 @@ def spm_checkpoint(tmp_path_factory, spm_tokenizer_dir):
 
 
 @pytest.fixture(scope="module")
-def spm_loop(spm_checkpoint):
-    loop = create_engine_loop(str(spm_checkpoint), "cpu", "float32", kv_cache_memory_bytes=64 * 1024**2)
-    yield loop
-    loop.shutdown()
+def spm_engine(spm_checkpoint):
+    handle = open_engine("native", str(spm_checkpoint), "cpu", "float32", kv_cache_memory_bytes=64 * 1024**2, shared=False)
+    yield handle
+    handle.shutdown()
 
 
 @pytest.fixture(scope="module")
-def spm_llm(spm_loop):
-    return LLM.from_engine_loop(spm_loop)
+def spm_llm(spm_engine):
+    return LLM.from_handle(spm_engine)
 
 
 def test_generate_with_prompt_strings(spm_llm, golden):
@@ -67,7 +67,7 @@ def test_generate_with_prompt_strings(spm_llm, golden):
 
 def test_chat_renders_and_tokenizes_as_upstream(spm_llm, golden):
     want = golden("spm")
-    renderer = spm_llm.engine.chat_renderer
+    renderer = spm_llm.handle.chat_renderer
     for case in CHAT:
         text, images = renderer.render_text(case["messages"], **_chat_kwargs(case))
         assert text == case["text"] and len(images) == case["num_images"], case["id"]
@@ -75,9 +75,9 @@ def test_chat_renders_and_tokenizes_as_upstream(spm_llm, golden):
         assert list(out.prompt_token_ids) == want[case["id"]], case["id"]
 
 
-def test_async_llm_generate_and_chat(spm_loop, golden):
+def test_async_llm_generate_and_chat(spm_engine, golden):
     want = golden("spm")
-    allm = AsyncLLM.from_engine_loop(spm_loop)
+    allm = AsyncLLM.from_handle(spm_engine)
     raw = next(c for c in RAW if c["id"] == "interleave_lavis")
     chat = next(c for c in CHAT if c["id"] == "chat_two_images")
 
@@ -92,10 +92,10 @@ def test_async_llm_generate_and_chat(spm_loop, golden):
     assert list(chat_out.prompt_token_ids) == want[chat["id"]]
 
 
-def test_server_returns_the_upstream_prompt_ids(spm_checkpoint, spm_loop, golden):
+def test_server_returns_the_upstream_prompt_ids(spm_checkpoint, spm_engine, golden):
     want = golden("spm")
     config = ServerConfig(model=str(spm_checkpoint), served_model_name="xgenmm", device="cpu", dtype="float32", port=0, api_key="")
-    with BackgroundServer(config, llm=AsyncLLM.from_engine_loop(spm_loop)) as server:
+    with BackgroundServer(config, llm=AsyncLLM.from_handle(spm_engine)) as server:
         with httpx.Client(base_url=server.base_url, timeout=60) as client:
             for case in CHAT:
                 body = {"model": "xgenmm", "messages": case["messages"], "max_tokens": 1, "temperature": 0,
@@ -117,9 +117,9 @@ def test_server_returns_the_upstream_prompt_ids(spm_checkpoint, spm_loop, golden
             assert 1 <= len(streamed) <= 2
 
 
-def test_server_refuses_contradictory_render_options(spm_checkpoint, spm_loop):
+def test_server_refuses_contradictory_render_options(spm_checkpoint, spm_engine):
     config = ServerConfig(model=str(spm_checkpoint), served_model_name="xgenmm", device="cpu", dtype="float32", port=0, api_key="")
-    with BackgroundServer(config, llm=AsyncLLM.from_engine_loop(spm_loop)) as server:
+    with BackgroundServer(config, llm=AsyncLLM.from_handle(spm_engine)) as server:
         body = {"model": "xgenmm", "messages": [{"role": "assistant", "content": "x"}], "continue_final_message": True}
         reply = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=30)
         assert reply.status_code == 400 and reply.json()["error"]["param"] == "continue_final_message"

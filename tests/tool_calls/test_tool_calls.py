@@ -133,23 +133,21 @@ def test_tool_result_may_carry_images(tok):
     assert rendered.images == [image]
 
 
-def test_core_engine_renderer_has_the_tool_renderer(tiny_checkpoint):
-    """LLM.chat(..., tools=...) works for every front end: the engine's renderer carries HermesToolRenderer."""
-    from types import SimpleNamespace
-
+def test_client_renderer_has_the_tool_renderer(tiny_checkpoint):
+    """LLM.chat(..., tools=...) works for every front end: the client's renderer carries HermesToolRenderer."""
     from xgenmm.chat.template import engine_chat_renderer
-    from xgenmm.engine.llm_engine import LLMEngine
+    from xgenmm.client import open_engine
     from xgenmm.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_checkpoint)
     renderer = engine_chat_renderer(tokenizer)
     assert isinstance(renderer.tool_renderer, HermesToolRenderer)
     assert "<tools>" in renderer.render([{"role": "user", "content": "x"}], tools=TOOLS).text
-    # The engine's property hands out exactly that renderer (built without loading a model).
-    engine = SimpleNamespace(_chat_renderer=None, tokenizer=tokenizer, config=SimpleNamespace(chat_content_tokens="text"))
-    from_engine = LLMEngine.chat_renderer.fget(engine)
-    assert isinstance(from_engine.tool_renderer, HermesToolRenderer) and from_engine.content_tokens == "text"
-    assert "<tools>" in from_engine.render([{"role": "user", "content": "x"}], tools=TOOLS).text
+    # The engine handle (the client side of the shared engine) renders with exactly that kind of renderer.
+    handle = open_engine("native", str(tiny_checkpoint), "cpu", "float32")
+    from_handle = handle.chat_renderer
+    assert isinstance(from_handle.tool_renderer, HermesToolRenderer) and from_handle.content_tokens == "text"
+    assert "<tools>" in from_handle.render([{"role": "user", "content": "x"}], tools=TOOLS).text
 
 
 # ---- parsing --------------------------------------------------------------------------------------------------------

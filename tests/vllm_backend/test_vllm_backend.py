@@ -17,7 +17,7 @@ pytest.importorskip("vllm")
 from PIL import Image  # noqa: E402
 
 from xgenmm import SamplingParams  # noqa: E402
-from xgenmm.backends import Engine, get_engine  # noqa: E402
+from xgenmm.lazy_engine import EngineClients  # noqa: E402
 from xgenmm.errors import ImageCountMismatchError, PromptError, SamplingParamsError  # noqa: E402
 from xgenmm.multimodal.image_processing import ImageProcessor  # noqa: E402
 from xgenmm.sampling_params import RequestOutputKind, StructuredOutputsParams  # noqa: E402
@@ -29,19 +29,19 @@ GREEDY = dict(temperature=0.0, max_tokens=8, ignore_eos=True)
 @pytest.fixture(scope="module")
 def engines(fixture_checkpoint_with_tokenizer):
     ckpt = str(fixture_checkpoint_with_tokenizer)
-    vllm_engine = get_engine("vllm", model=ckpt, dtype="float32")
-    native_engine = get_engine("native", model=ckpt, device="cpu", dtype="float32")
+    vllm_engine = EngineClients.open("vllm", model=ckpt, dtype="float32")
+    native_engine = EngineClients.open("native", model=ckpt, device="cpu", dtype="float32")
     yield vllm_engine, native_engine
-    vllm_engine.sync._loop.shutdown()
+    vllm_engine.handle.shutdown()
 
 
 @pytest.fixture(scope="module")
-def vllm_engine(engines) -> Engine:
+def vllm_engine(engines) -> EngineClients:
     return engines[0]
 
 
 @pytest.fixture(scope="module")
-def native_engine(engines) -> Engine:
+def native_engine(engines) -> EngineClients:
     return engines[1]
 
 
@@ -59,26 +59,30 @@ def _fixture_requests(fixture_dir, fixture_cases):
     return requests, expected, names
 
 
-def test_get_engine_returns_vllm_front_ends(vllm_engine):
-    assert vllm_engine.backend == "vllm"
-    assert type(vllm_engine.sync).__name__ == "VllmLLM" and type(vllm_engine.aio).__name__ == "VllmAsyncLLM"
+def test_front_door_returns_vllm_front_ends(vllm_engine):
+    from xgenmm import AsyncLLM, LLM
+
+    assert vllm_engine.backend == "vllm" and vllm_engine.handle.backend == "vllm"
+    assert type(vllm_engine.sync) is LLM and type(vllm_engine.aio) is AsyncLLM  # the same clients as native
     tok = vllm_engine.get_tokenizer()
     assert tok.convert_tokens_to_ids("<image>") == IMAGE_TOKEN_ID and len(tok) == 32015
 
 
-def test_vllm_runs_on_the_native_engine_loop(vllm_engine, native_engine):
+def test_vllm_runs_on_the_native_core_loop(vllm_engine, native_engine):
     """One generic loop drives both engine cores; the vLLM core offers every method of the `EngineCore` protocol
-    and every attribute the front ends read from a native engine."""
+    and tells the client what inputs it takes (decoded images, not tiles)."""
     from xgenmm.backends.vllm_backend import VllmEngineCore
-    from xgenmm.engine.engine_loop import EngineCore, EngineLoop
+    from xgenmm.engine.core_loop import CoreLoop, EngineCore
 
-    loop = vllm_engine.sync._loop
-    assert type(loop) is EngineLoop and type(native_engine.sync._loop) is EngineLoop
-    assert isinstance(loop.engine, VllmEngineCore)
+    loop = vllm_engine.handle.loop
+    assert type(loop) is CoreLoop and type(native_engine.handle.loop) is CoreLoop
+    assert isinstance(loop.core, VllmEngineCore)
     protocol = {n for n in vars(EngineCore) if not n.startswith("_")}
     assert protocol <= set(dir(VllmEngineCore)), sorted(protocol - set(dir(VllmEngineCore)))
-    for name in ("tokenizer", "chat_renderer", "config", "model_name", "max_model_len", "input_processor"):
-        assert getattr(loop.engine, name) is not None and getattr(native_engine.sync._loop.engine, name) is not None
+    for name in ("tokenizer", "config", "model_name", "max_model_len", "input_spec"):
+        assert getattr(loop.core, name) is not None and getattr(native_engine.handle.core, name) is not None
+    assert loop.core.input_spec.tiles_images is False and native_engine.handle.core.input_spec.tiles_images is True
+    assert vllm_engine.handle.chat_renderer is not None and vllm_engine.handle.inputs is not None
     loop.check_alive()  # running: no error
 
 

@@ -12,30 +12,31 @@ import pytest
 pytest.importorskip("vllm")
 
 from tests.chat.conformance_cases import CASES, MAX_TOKENS, Case  # noqa: E402
-from xgenmm.backends import get_engine  # noqa: E402
+from xgenmm.lazy_engine import EngineClients  # noqa: E402
 from xgenmm.chat import build_chat_request, chat_choice  # noqa: E402
 
 
-class _PrepareSpy:
-    def __init__(self, loop):
-        self.loop, self.records, self._prepare = loop, [], loop.prepare
-        loop.prepare = self
+class _SubmitSpy:
+    """Records (prompt ids, params) of every request the handle submits to its engine core."""
 
-    def __call__(self, prompt, params, request_id=None, image_policy=None):
-        prepared = self._prepare(prompt, params, request_id, image_policy)
+    def __init__(self, handle):
+        self.handle, self.records, self._submit = handle, [], handle.submit
+        handle.submit = self
+
+    def __call__(self, prepared, sink):
         self.records.append((list(prepared.prompt_token_ids), prepared.params))
-        return prepared
+        return self._submit(prepared, sink)
 
 
 @pytest.fixture(scope="module")
 def engines(tiny_checkpoint):
-    vllm_engine = get_engine("vllm", model=str(tiny_checkpoint), dtype="float32", max_model_len=4096)
-    native_engine = get_engine("native", model=str(tiny_checkpoint), device="cpu", dtype="float32")
-    spies = _PrepareSpy(vllm_engine.sync._loop), _PrepareSpy(native_engine.sync._loop)
+    vllm_engine = EngineClients.open("vllm", model=str(tiny_checkpoint), dtype="float32", max_model_len=4096)
+    native_engine = EngineClients.open("native", model=str(tiny_checkpoint), device="cpu", dtype="float32")
+    spies = _SubmitSpy(vllm_engine.handle), _SubmitSpy(native_engine.handle)
     yield (vllm_engine, native_engine), spies
-    vllm_engine.sync._loop.shutdown()
+    vllm_engine.handle.shutdown()
     for spy in spies:
-        del spy.loop.prepare
+        del spy.handle.submit
 
 
 def _request(case: Case):
@@ -50,8 +51,8 @@ def _request(case: Case):
 def test_vllm_backend_gets_the_native_request(case, engines):
     (vllm_engine, native_engine), (vllm_spy, native_spy) = engines
     request = _request(case)
-    v = vllm_engine.sync.chat(request.messages, request.params, **request.chat_kwargs())[0]
-    n = native_engine.sync.chat(request.messages, request.params, **request.chat_kwargs())[0]
+    v = vllm_engine.sync.chat(request)[0]
+    n = native_engine.sync.chat(request)[0]
     assert vllm_spy.records[-1] == native_spy.records[-1]  # prompt ids and sampling params
     assert [o.token_ids for o in v.outputs] == [o.token_ids for o in n.outputs]
     v_choice, n_choice = chat_choice(v.outputs[0], request.tools), chat_choice(n.outputs[0], request.tools)

@@ -13,7 +13,7 @@ pytest.importorskip("vllm")
 from PIL import Image  # noqa: E402
 
 from xgenmm import SamplingParams  # noqa: E402
-from xgenmm.backends import get_engine  # noqa: E402
+from xgenmm.lazy_engine import EngineClients  # noqa: E402
 from xgenmm.special_tokens import IMAGE_PLACEHOLDER_TOKEN, IMAGE_TOKEN  # noqa: E402
 from xgenmm.testing import make_random_checkpoint  # noqa: E402
 
@@ -83,14 +83,14 @@ def test_variant_loads_and_matches_native(tmp_path, fixture_dir, variant):
         expected_prompt_tokens = 512  # a 1200x350 image: 3x1 grid, 4 patches, 4 x 128 vision tokens
     request = {"prompt": prompt, "multi_modal_data": {"image": image}}
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-    vllm_engine = get_engine("vllm", model=str(ckpt), dtype="float32", **SMALL_ENGINE)
-    native_engine = get_engine("native", model=str(ckpt), device="cpu", dtype="float32")
+    vllm_engine = EngineClients.open("vllm", model=str(ckpt), dtype="float32", **SMALL_ENGINE)
+    native_engine = EngineClients.open("native", model=str(ckpt), device="cpu", dtype="float32")
     try:
         v = vllm_engine.sync.generate(request, params)[0]
         n = native_engine.sync.generate(request, params)[0]
     finally:
-        vllm_engine.sync._loop.shutdown()
-        native_engine.sync._loop.shutdown()
+        vllm_engine.handle.shutdown()
+        native_engine.handle.shutdown()
     assert v.outputs[0].token_ids == n.outputs[0].token_ids
     assert v.metrics.num_prompt_tokens == n.metrics.num_prompt_tokens
     if expected_prompt_tokens is not None:
@@ -133,16 +133,16 @@ def test_text_only_engine_without_vision_tower(tmp_path):
     ckpt = make_random_checkpoint(tmp_path / "instruct", preset="tiny", seed=4, variant="instruct")
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     prompt = "<|user|>\nHello there<|end|>\n<|assistant|>\n"
-    vllm_engine = get_engine("vllm", model=str(ckpt), dtype="float32", max_images_per_prompt=0, **SMALL_ENGINE)
-    native_engine = get_engine("native", model=str(ckpt), device="cpu", dtype="float32")
+    vllm_engine = EngineClients.open("vllm", model=str(ckpt), dtype="float32", max_images_per_prompt=0, **SMALL_ENGINE)
+    native_engine = EngineClients.open("native", model=str(ckpt), device="cpu", dtype="float32")
     try:
-        assert type(vllm_engine.sync._loop.engine.vllm_engine.model_executor.driver_worker.worker.model_runner.model.vision
+        assert type(vllm_engine.handle.core.vllm_engine.model_executor.driver_worker.worker.model_runner.model.vision
                     ).__name__ == "StageMissingLayer"
         v = vllm_engine.sync.generate(prompt, params)[0]
         n = native_engine.sync.generate(prompt, params)[0]
         with pytest.raises(PromptError, match="limit"):
             vllm_engine.sync.generate({"prompt": "<image>", "multi_modal_data": {"image": Image.new("RGB", (8, 8))}})
     finally:
-        vllm_engine.sync._loop.shutdown()
-        native_engine.sync._loop.shutdown()
+        vllm_engine.handle.shutdown()
+        native_engine.handle.shutdown()
     assert v.outputs[0].token_ids == n.outputs[0].token_ids

@@ -28,7 +28,7 @@ openai = pytest.importorskip("openai")
 from PIL import Image  # noqa: E402
 
 from xgenmm import SamplingParams  # noqa: E402
-from xgenmm.backends import get_engine  # noqa: E402
+from xgenmm.lazy_engine import EngineClients  # noqa: E402
 
 SYSTEM = "You describe pictures."
 STARTUP_TIMEOUT_S = 300
@@ -124,7 +124,7 @@ def test_streamed_image_chat_completion_equals_native(server, spm_fixture_checkp
     assert finish == "length" and usage.completion_tokens == 10
     assert sum(1 for p in pieces if p) >= 2  # really streamed
 
-    native = get_engine("native", model=str(spm_fixture_checkpoint), device="cpu", dtype="float32")
+    native = EngineClients.open("native", model=str(spm_fixture_checkpoint), device="cpu", dtype="float32")
     reference = native.sync.chat(
         [{"role": "system", "content": SYSTEM},
          {"role": "user", "content": [{"type": "image_pil", "image_pil": image}, {"type": "text", "text": question}]}],

@@ -26,9 +26,9 @@ from PIL import Image
 
 def main():
     from xgenmm import SamplingParams
-    from xgenmm.backends import get_engine
+    from xgenmm.lazy_engine import EngineClients
     ckpt, fixtures = sys.argv[1], Path(sys.argv[2])
-    engine = get_engine("vllm", model=ckpt, dtype="float32", tensor_parallel_size=2,
+    engine = EngineClients.open("vllm", model=ckpt, dtype="float32", tensor_parallel_size=2,
                         kv_cache_memory_bytes=256 * 1024**2)
     requests, expected = [], []
     for case in json.loads((fixtures / "cases.json").read_text())["cases"]:
@@ -40,7 +40,7 @@ def main():
             expected.append(sample["generated_ids"])
     outs = engine.sync.generate(requests, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
     got = [o.outputs[0].token_ids for o in outs]
-    engine.sync._loop.shutdown()
+    engine.handle.shutdown()
     print("RESULT " + json.dumps({"got": got, "expected": expected}))
 
 if __name__ == "__main__":

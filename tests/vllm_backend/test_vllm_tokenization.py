@@ -17,7 +17,7 @@ from PIL import Image  # noqa: E402
 
 from tests.support import TOKENIZER_FIXTURES  # noqa: E402
 from xgenmm import SamplingParams  # noqa: E402
-from xgenmm.backends import get_engine  # noqa: E402
+from xgenmm.lazy_engine import EngineClients  # noqa: E402
 
 CASES = json.loads((TOKENIZER_FIXTURES / "cases.json").read_text(encoding="utf-8"))
 RAW = [c for c in CASES if c["kind"] == "raw" and c["text"]]
@@ -36,10 +36,10 @@ def _chat_kwargs(case: dict) -> dict:
 @pytest.fixture(scope="module")
 def engines(spm_fixture_checkpoint):
     ckpt = str(spm_fixture_checkpoint)
-    vllm_engine = get_engine("vllm", model=ckpt, dtype="float32", **SMALL_ENGINE)
-    native_engine = get_engine("native", model=ckpt, device="cpu", dtype="float32")
+    vllm_engine = EngineClients.open("vllm", model=ckpt, dtype="float32", **SMALL_ENGINE)
+    native_engine = EngineClients.open("native", model=ckpt, device="cpu", dtype="float32")
     yield vllm_engine, native_engine
-    vllm_engine.sync._loop.shutdown()
+    vllm_engine.handle.shutdown()
 
 
 def test_plugin_tokenizer_as_vllm_renderer_calls_it(spm_fixture_checkpoint, golden_ids):

@@ -1,5 +1,6 @@
 """Attention backends behind one interface (see base.py)."""
 
+from ..errors import ConfigError
 from .base import AttentionBackend, AttentionMetadata, KVCache, allocate_kv_caches, store_kv
 from .torch_ref import TorchReferenceBackend
 
@@ -42,4 +43,4 @@ def get_attention_backend(name: str | None, device) -> AttentionBackend:
         from .triton_backend import TritonBackend
 
         return TritonBackend()
-    raise ValueError(f"unknown attention backend {name!r}; choose 'torch', 'cpu_paged', 'flex' or 'triton'")
+    raise ConfigError(f"unknown attention backend {name!r}; choose 'torch', 'cpu_paged', 'flex', 'triton' or None (auto)")

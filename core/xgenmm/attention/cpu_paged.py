@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import AttentionBackendUnavailableError
 from .base import AttentionMetadata, KVCache
 from .torch_ref import TorchReferenceBackend
 
@@ -24,7 +25,8 @@ class CpuPagedAttentionBackend:
         from .. import cpu_kernels
 
         if not cpu_kernels.available():
-            raise RuntimeError(f"the CPU paged-attention kernel is unavailable: {cpu_kernels.unavailable_reason()}")
+            raise AttentionBackendUnavailableError(f"the CPU paged-attention kernel is unavailable: "
+                                                   f"{cpu_kernels.unavailable_reason()}; use attention_backend=None (auto) or 'torch'")
         self._op = torch.ops.xgenmm_cpu.paged_attention
         self._store = torch.ops.xgenmm_cpu.store_kv
         self._fallback = TorchReferenceBackend()

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from ..errors import ConfigError
 from .base import AttentionMetadata, KVCache, store_kv
 
 KV_LAYOUTS = ("paged", "gathered")
@@ -69,7 +70,7 @@ class FlexAttentionBackend:
         kernel_options: dict | None = None,
     ) -> None:
         if kv_layout is not None and kv_layout not in KV_LAYOUTS:
-            raise ValueError(f"kv_layout must be one of {KV_LAYOUTS} or None, got {kv_layout!r}")
+            raise ConfigError(f"kv_layout must be one of {KV_LAYOUTS} or None, got {kv_layout!r}")
         self.kv_layout = kv_layout
         self.pad_head_dim = pad_head_dim
         self.compile = compile

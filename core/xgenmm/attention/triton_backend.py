@@ -12,12 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import XGenMMError
+from ..errors import AttentionBackendUnavailableError
 from .base import AttentionMetadata, KVCache
-
-
-class AttentionBackendUnavailableError(XGenMMError, RuntimeError):
-    """The requested attention backend cannot run here (e.g. Triton on a CPU without TRITON_INTERPRET=1)."""
 
 
 try:

@@ -46,12 +46,12 @@ def to_vllm_structured_outputs(so: StructuredOutputsParams, backend: str = "guid
         if kind == "grammar":
             raise SamplingParamsError(
                 f"structured_outputs.grammar (a Lark grammar) needs vLLM's 'guidance' structured-outputs backend; "
-                f"this engine uses {backend!r}"
+                f"this engine uses {backend!r}", field="structured_outputs.grammar"
             )
         if not so.whitespace_flexible and kind in ("json", "json_object"):
             raise SamplingParamsError(
                 "structured_outputs.whitespace_flexible=False needs vLLM's 'guidance' structured-outputs backend; "
-                f"this engine uses {backend!r}"
+                f"this engine uses {backend!r}", field="structured_outputs.whitespace_flexible"
             )
     if kind == "json":
         if not so.whitespace_flexible:
@@ -80,7 +80,8 @@ def to_vllm_sampling_params(params: SamplingParams, structured_backend: str = "g
     from vllm.sampling_params import SamplingParams as VllmSamplingParams
 
     if not isinstance(params, SamplingParams):
-        raise SamplingParamsError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        raise SamplingParamsError(f"sampling_params must be a SamplingParams, got {type(params).__name__}",
+                                  field="sampling_params")
     structured = None
     if params.structured_outputs is not None:
         structured = to_vllm_structured_outputs(params.structured_outputs, structured_backend)
@@ -114,7 +115,7 @@ def to_vllm_sampling_params(params: SamplingParams, structured_backend: str = "g
     try:
         return VllmSamplingParams(**fields)
     except (ValueError, TypeError) as exc:
-        raise SamplingParamsError(f"vLLM cannot honour these sampling params: {exc}") from None
+        raise SamplingParamsError(f"vLLM cannot honour these sampling params: {exc}", field=None) from None
 
 
 def native_stop_reason(stop_reason: int | str | None, params: SamplingParams) -> int | str | None:

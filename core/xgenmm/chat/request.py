@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import PromptError, SamplingParamsError
@@ -42,7 +42,6 @@ __all__ = [
     "CAPTION_MAX_TOKENS",
     "OPENAI_SAMPLING_OPTIONS",
     "VLLM_SAMPLING_OPTIONS",
-    "sampling_fields",
 ]
 
 # OpenAI chat-completions sampling fields, and vLLM's extras (what `extra_body` carries); anything else a front end
@@ -77,7 +76,8 @@ class ResponseFormat:
 
 @dataclass(frozen=True)
 class ChatRequest:
-    """A chat request ready for `LLM.chat` / `AsyncLLM.chat` / `chat_stream` (`**request.chat_kwargs()`)."""
+    """One chat request, built once (`build_chat_request`) and handed down whole: `LLM.chat(request)`,
+    `LLM.chat_stream(request)`, `AsyncLLM.chat(request)`; the engine's client renders it (`EngineHandle.prepare_chat`)."""
 
     messages: list[dict[str, Any]]
     params: SamplingParams
@@ -86,11 +86,6 @@ class ChatRequest:
     image_policy: ImageInputPolicy | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-
-    def chat_kwargs(self) -> dict[str, Any]:
-        return {"tools": self.tools, "image_policy": self.image_policy,
-                "add_generation_prompt": self.add_generation_prompt,
-                "continue_final_message": self.continue_final_message}
 
 
 def response_format_from_openai(response_format: Mapping[str, Any] | None) -> ResponseFormat:
@@ -118,13 +113,14 @@ def sampling_params_from_openai(options: Mapping[str, Any], *, output_kind: Requ
     vLLM's `logprobs` (how many alternatives, or None for none). Unknown names raise `SamplingParamsError`."""
     unknown = sorted(set(options) - set(OPENAI_SAMPLING_OPTIONS) - set(VLLM_SAMPLING_OPTIONS))
     if unknown:
-        raise SamplingParamsError(f"unknown sampling option(s): {', '.join(repr(u) for u in unknown)}")
+        raise SamplingParamsError(f"unknown sampling option(s): {', '.join(repr(u) for u in unknown)}",
+                                  field=unknown[0])
     values = {k: v for k, v in options.items() if v is not None}
     values["max_tokens"] = values.pop("max_completion_tokens", values.get("max_tokens"))
     logprobs = values.pop("logprobs", False)
     top_logprobs = values.pop("top_logprobs", None)
     if top_logprobs is not None and not logprobs:
-        raise SamplingParamsError("invalid sampling option top_logprobs: it needs logprobs=True")
+        raise SamplingParamsError("invalid sampling option top_logprobs: it needs logprobs=True", field="top_logprobs")
     values["logprobs"] = (top_logprobs or 0) if logprobs else None
     return SamplingParams(output_kind=output_kind, **values)
 
@@ -171,13 +167,13 @@ def build_chat_request(
         drop_stops = True
     if constraint is None and structured_outputs is not None:
         if not isinstance(structured_outputs, StructuredOutputsParams):
-            raise SamplingParamsError("structured_outputs must be a StructuredOutputsParams")
+            raise SamplingParamsError("structured_outputs must be a StructuredOutputsParams", field="structured_outputs")
         constraint = structured_outputs
     if constraint is None:
         constraint = params.structured_outputs
     elif params.structured_outputs is not None and params.structured_outputs != constraint:
         raise SamplingParamsError("structured_outputs cannot be combined with a response_format or a forced tool "
-                                  "call (each constrains the reply)")
+                                  "call (each constrains the reply)", field="structured_outputs")
     changes: dict[str, Any] = {"structured_outputs": constraint}
     if drop_stops:
         changes["stop"] = None
@@ -202,7 +198,7 @@ def _sampling(sampling: SamplingParams | Mapping[str, Any] | None, output_kind: 
         params = sampling_params_from_openai(sampling, output_kind=output_kind or RequestOutputKind.FINAL_ONLY)
     else:
         raise SamplingParamsError(f"sampling must be a SamplingParams or a mapping of options, got "
-                                  f"{type(sampling).__name__}")
+                                  f"{type(sampling).__name__}", field=None)
     if output_kind is not None and params.output_kind is not output_kind:
         params = params.replace(output_kind=output_kind)
     return params
@@ -229,9 +225,3 @@ def _with_format_instruction(messages: list[dict[str, Any]], fmt: ResponseFormat
     has_system = any(m.get("role") in ("system", "developer") for m in messages if isinstance(m, Mapping))
     prefix = [] if has_system else [{"role": "system", "content": DEFAULT_SYSTEM_MESSAGE}]
     return prefix + messages + [{"role": "system", "content": instruction}]
-
-
-def sampling_fields() -> tuple[str, ...]:
-    """Every `SamplingParams` field name (front ends that accept them by name check against this)."""
-    return tuple(f.name for f in fields(SamplingParams))
-

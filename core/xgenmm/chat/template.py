@@ -272,7 +272,7 @@ class ChatRenderer:
 
         system = "\n".join(system_texts) if has_system else self.system_message
         if tools:
-            suffix = self._checked_text(renderer.render_system_suffix(list(tools)), "tools system suffix")
+            suffix = self._checked_text(renderer.render_system_suffix(tools), "tools system suffix")
             system = (system or "") + suffix  # tool names and descriptions come from the client: text
         out = _Out()
         if system is not None:

@@ -9,15 +9,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import DEFAULT_MODEL_ID
-from ..errors import ModelNotFoundError
+from ..checkpoint.hub import DEFAULT_MODEL_ID
+from ..errors import ModelNotFoundError, XGenMMError
 from ..multimodal.image_sources import ImageInputPolicy
 
 MODEL_ENV = "XGENMM_MODEL"
 
 
-class CLIError(Exception):
-    """A problem the user can fix; printed as `xgenmm <command>: error: ...` with exit status 1."""
+class CLIError(XGenMMError):
+    """A problem the user can fix; printed as one line `xgenmm <command>: error: ...` with exit status 1 (as every
+    other `XGenMMError` is)."""
 
 
 def default_model() -> str:
@@ -30,9 +31,9 @@ def add_model_args(parser: argparse.ArgumentParser, model_default: str | None = 
                        help=f"Hugging Face id or local checkpoint directory "
                             f"(default: ${MODEL_ENV} or {DEFAULT_MODEL_ID})")
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    group.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bfloat16 on GPU and on "
-                                                     "CPUs that compute bf16 natively (AMX / AVX-512 BF16), "
-                                                     "float32 on other CPUs)")
+    group.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16 (default auto: bfloat16 "
+                                                     "on GPU and on CPUs that compute bf16 natively (AMX / AVX-512 "
+                                                     "BF16), float32 on other CPUs)")
 
 
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
@@ -58,7 +59,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="KV cache size on CPU, e.g. 2GiB (default 1GiB)")
     group.add_argument("--gpu-memory-utilization", type=float, default=None,
                        help="fraction of GPU memory the engine may use (default 0.9)")
-    group.add_argument("--attention-backend", choices=("torch", "flex", "triton"), default=None,
+    group.add_argument("--attention-backend", choices=("torch", "cpu_paged", "flex", "triton"), default=None,
                        help="default: the fastest available")
     group.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     group.add_argument("--allow-control-tokens-in-content", action="store_true",
@@ -83,22 +84,23 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def no_weights_advice(model: str) -> str:
-    return (f"no weights for {model!r} are reachable from this machine.\n"
-            f"  - on a machine with network access run:  xgenmm download {model}\n"
-            f"    (then copy the Hugging Face cache, or the folder given to --local-dir, to this machine)\n"
-            f"  - or point at a local checkpoint directory:  --model PATH\n"
-            f"  - to try xgenmm without real weights:  xgenmm make-random-checkpoint ./xgenmm-tiny && "
-            f"xgenmm chat --model ./xgenmm-tiny ...")
+    return (f"no weights for {model!r} are reachable from this machine: run `xgenmm download {model}` on a machine "
+            f"with network access and copy the Hugging Face cache (or the folder given to --local-dir) here, or pass "
+            f"--model PATH of a local checkpoint directory, or try xgenmm without real weights: "
+            f"`xgenmm make-random-checkpoint ./xgenmm-tiny && xgenmm chat --model ./xgenmm-tiny ...`")
 
 
 def resolve_model(model: str) -> Path:
-    """The checkpoint directory for `model`, or a `CLIError` that says exactly what to run."""
-    from ..checkpoint import resolve_model_dir
+    """The checkpoint directory for `model`: a local path that is not there says so (`ModelNotFoundError`); a Hugging
+    Face id that is not cached and cannot be downloaded is a `CLIError` that says exactly what to run."""
+    from ..checkpoint.hub import is_local_path, resolve_model_dir
 
     try:
         return resolve_model_dir(model)
     except ModelNotFoundError as exc:
-        raise CLIError(f"{no_weights_advice(model)}\n  (details: {exc})") from None
+        if is_local_path(model) or str(model).count("/") != 1:  # not a Hugging Face id: nothing to download
+            raise
+        raise CLIError(f"{no_weights_advice(model)} (details: {exc})") from None
 
 
 def local_image_policy(paths: list[str | Path] | None = None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..checkpoint import _DOWNLOAD_PATTERNS as DOWNLOAD_PATTERNS
+from ..checkpoint.hub import DOWNLOAD_PATTERNS
 from .common import CLIError, default_model, eprint
 
 

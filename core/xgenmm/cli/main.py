@@ -8,7 +8,6 @@ import sys
 
 from ..errors import XGenMMError
 from . import bench, caption, chat, download, make_random_checkpoint, serve
-from .common import CLIError
 
 COMMANDS = (chat, caption, serve, download, bench, make_random_checkpoint)
 
@@ -27,6 +26,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_line(command: str, exc: BaseException) -> str:
+    """`xgenmm <command>: error: <message>` on one line (a message's own line breaks become spaces)."""
+    return f"xgenmm {command}: error: {' '.join(str(exc).split())}"
+
+
+def check_placement(args: argparse.Namespace) -> None:
+    """`--device` / `--dtype` checked before anything loads (a typo fails in a second, not after the tokenizer)."""
+    if hasattr(args, "device") or hasattr(args, "dtype"):
+        from ..placement import resolve_placement
+
+        resolve_placement(getattr(args, "device", None), getattr(args, "dtype", None))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -38,11 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     try:
+        check_placement(args)
         if getattr(args, "passthrough", False):
             return args.run(args, extra)
         return args.run(args)
-    except (CLIError, XGenMMError) as exc:
-        print(f"xgenmm {args.command}: error: {exc}", file=sys.stderr, flush=True)
+    except XGenMMError as exc:  # CLIError too: a mistake the user can fix, said in one line with its remedy
+        print(error_line(args.command, exc), file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import platform
 import shutil
 import sys
 import threading
@@ -24,6 +23,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from ..cpu_features import cpu_features
 
 logger = logging.getLogger("xgenmm.cpu_kernels")
 
@@ -38,8 +39,8 @@ _state: dict = {}
 
 
 def cpu_supports_kernels() -> bool:
-    """AVX-512 with BF16 instructions, as torch reports it (never parsed from /proc)."""
-    return platform.machine() in ("x86_64", "AMD64") and bool(torch.cpu._is_avx512_bf16_supported())
+    """x86-64 with AVX-512 BF16 instructions (`cpu_features`: as torch reports it, never parsed from /proc)."""
+    return cpu_features().runs_bf16_kernels
 
 
 def unavailable_reason() -> str | None:

@@ -21,7 +21,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable, Sequence as SequenceType
 
-from xgenmm.engine.sequence import ImageSpan, Sequence
+from xgenmm.engine.sequence import Sequence
+from xgenmm.multimodal.spans import ImageSpan
 from xgenmm.errors import ConfigError
 
 ExtraKeys = tuple[tuple[str, int], ...]

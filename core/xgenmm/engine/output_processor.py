@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 from ..outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from ..sampling_params import RequestOutputKind, SamplingParams
 from .detokenizer import IncrementalDetokenizer
-from .input_processor import PreparedRequest
+from .request import PreparedRequest
 from .sampler import SamplingState
 from .sequence import Sequence
 
@@ -137,7 +137,7 @@ class RequestState:
 
 
 class OutputProcessor:
-    """Per-token decisions and emission for the native engine (the model and scheduler stay in `LLMEngine`)."""
+    """Per-token decisions and emission for the native engine (the model and scheduler stay in `NativeEngineCore`)."""
 
     def __init__(self, tokenizer, eos_token_ids: tuple[int, ...], max_model_len: int) -> None:
         self.tokenizer = tokenizer

@@ -10,10 +10,10 @@ from __future__ import annotations
 import enum
 import itertools
 import time
-from dataclasses import dataclass
 from typing import Iterable
 
 from xgenmm.errors import PromptError
+from xgenmm.multimodal.spans import ImageSpan
 
 
 _seq_counter = itertools.count()
@@ -23,24 +23,6 @@ class SequenceStatus(enum.Enum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
     FINISHED = enum.auto()
-
-
-@dataclass(frozen=True)
-class ImageSpan:
-    """One image's run of vision tokens inside the fused token list.
-
-    `content_hash` identifies the image content (raw bytes + processor options); it keys the prefix cache, so two
-    different images with the same placeholder ids never share KV.
-    """
-
-    start: int
-    length: int
-    content_hash: str
-    image_index: int
-
-    @property
-    def end(self) -> int:
-        return self.start + self.length
 
 
 class Sequence:

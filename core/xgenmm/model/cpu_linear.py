@@ -27,20 +27,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cpu_features import cpu_features
+
 
 def onednn_linear_available(device: torch.device | str, dtype: torch.dtype) -> bool:
     """oneDNN linears run on CPU in float32, and in bfloat16 where the CPU computes it natively (CUDA has cuBLAS)."""
-    if torch.device(device).type != "cpu" or not torch.backends.mkldnn.is_available():
-        return False
-    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+    features = cpu_features()
+    if torch.device(device).type != "cpu" or not features.onednn_linear:
         return False
     if dtype == torch.float32:
         return True
-    if dtype == torch.bfloat16:
-        from ..checkpoint import cpu_computes_bf16
-
-        return cpu_computes_bf16()
-    return False
+    return dtype == torch.bfloat16 and features.computes_bf16
 
 
 def bf16_kernel_available(device: torch.device | str, dtype: torch.dtype) -> bool:

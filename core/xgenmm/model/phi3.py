@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention.base import AttentionBackend, AttentionMetadata, KVCache
+from ..errors import ConfigError
 from .config import TextConfig
 
 
@@ -94,7 +95,7 @@ class Phi3MLP(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         if cfg.hidden_act != "silu":
-            raise ValueError(f"unsupported hidden_act {cfg.hidden_act!r}")
+            raise ConfigError(f"config.json: unsupported hidden_act {cfg.hidden_act!r} (xGen-MM's Phi-3 uses 'silu')")
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 

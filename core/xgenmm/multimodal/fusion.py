@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..engine.sequence import ImageSpan
+from .spans import ImageSpan
 from ..errors import ImageCountMismatchError
 from ..special_tokens import IMAGE_PLACEHOLDER_TOKEN_ID, IMAGE_TOKEN_ID
 
@@ -25,13 +25,11 @@ class FusedPrompt:
 
 
 def fuse_prompt(text_ids: list[int], images: list, base_model: bool = False) -> FusedPrompt:
-    """text token ids with one `<image>` per image -> fused ids + image spans (images are `ProcessedImage`s)."""
-    num_tags = sum(1 for t in text_ids if t == IMAGE_TOKEN_ID)
-    if num_tags != len(images):
-        raise ImageCountMismatchError(
-            f"the prompt has {num_tags} <image> tag(s) but {len(images)} image(s) were given; "
-            "each <image> takes the next image, in order"
-        )
+    """text token ids with one `<image>` per image -> fused ids + image spans (images are `ProcessedImage`s).
+
+    The request's image count is checked once, by the client before any pixel is decoded
+    (`xgenmm.client.inputs.InputProcessor.check_image_tags`); a caller that skipped it still gets an
+    `ImageCountMismatchError` here instead of a misaligned prompt."""
     fused: list[int] = []
     spans: list[ImageSpan] = []
     i, k = 0, 0
@@ -41,6 +39,8 @@ def fuse_prompt(text_ids: list[int], images: list, base_model: bool = False) -> 
             fused.append(tok)
             i += 1
             continue
+        if k >= len(images):
+            raise ImageCountMismatchError(f"the prompt has more <image> tags than the {len(images)} image(s) given")
         img = images[k]
         if base_model:
             run = 1
@@ -59,4 +59,6 @@ def fuse_prompt(text_ids: list[int], images: list, base_model: bool = False) -> 
             fused.extend([IMAGE_TOKEN_ID] * img.num_vision_tokens)
             i += 1
         k += 1
+    if k != len(images):
+        raise ImageCountMismatchError(f"the prompt has {k} <image> tag(s) but {len(images)} image(s) were given")
     return FusedPrompt(fused, tuple(spans))

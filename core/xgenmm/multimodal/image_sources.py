@@ -28,7 +28,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from xgenmm.errors import ImageError, ImageSourceNotAllowedError, ImageTooLargeError
+from xgenmm.errors import ConfigError, ImageError, ImageSourceNotAllowedError, ImageTooLargeError
 from xgenmm.multimodal.remote_fetch import MAX_REDIRECTS, check_byte_limit, fetch_remote_image, is_public_address
 from xgenmm.multimodal.image_processing import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -99,13 +99,13 @@ class ImageInputPolicy:
             schemes = (schemes,)
         object.__setattr__(self, "allowed_schemes", tuple(s.lower() for s in schemes))
         if self.max_image_bytes is not None and self.max_image_bytes <= 0:
-            raise ValueError(f"max_image_bytes must be positive or None, got {self.max_image_bytes}")
+            raise ConfigError(f"max_image_bytes must be positive or None, got {self.max_image_bytes}")
         if self.max_image_pixels is not None and self.max_image_pixels <= 0:
-            raise ValueError(f"max_image_pixels must be positive or None, got {self.max_image_pixels}")
+            raise ConfigError(f"max_image_pixels must be positive or None, got {self.max_image_pixels}")
         if self.max_request_image_pixels is not None and self.max_request_image_pixels <= 0:
-            raise ValueError(f"max_request_image_pixels must be positive or None, got {self.max_request_image_pixels}")
+            raise ConfigError(f"max_request_image_pixels must be positive or None, got {self.max_request_image_pixels}")
         if not self.fetch_timeout_s > 0:
-            raise ValueError(f"fetch_timeout_s must be positive, got {self.fetch_timeout_s}")
+            raise ConfigError(f"fetch_timeout_s must be positive, got {self.fetch_timeout_s}")
 
 
     def how_to_enable(self, option: str) -> str:

@@ -1,6 +1,6 @@
 """The FastAPI app: `/v1/chat/completions`, `/v1/responses`, `/v1/models`, `/health`, `/metrics`, OpenAI error objects everywhere.
 
-`build_app(config)` creates (or reuses, through the process-wide registry) the engine for `config.model` and
+`build_app(config)` opens (or reuses, through the front door `xgenmm.client.open_engine`) the engine for `config.model` and
 serves it; pass `llm=` to serve an `AsyncLLM` you already have. Every request first passes the `RequestGuard`
 (Host, Origin, Content-Type; see guard.py); auth (Bearer API key) guards `/v1/*` and, when a key is set, `/metrics`;
 `/health` stays open for probes. Every error response is counted in `xgenmm_http_requests_total`.
@@ -18,7 +18,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..async_llm import AsyncLLM
-from ..engine.input_processor import release_freed_memory
+from ..client import open_engine
+from ..client.inputs import release_freed_memory
 from .chat import ChatCompletionService, ClientDisconnected
 from .config import ServerConfig
 from .errors import AUTHENTICATION, NOT_FOUND, OpenAIError, error_from_exception
@@ -55,9 +56,10 @@ async def read_body_limited(request: Request, limit: int) -> bytes:
 
 def build_app(config: ServerConfig, llm: AsyncLLM | None = None) -> FastAPI:
     config.validate()
-    if llm is None:
-        llm = AsyncLLM(config.model, config.device, config.dtype, **config.engine_options)
-    metrics = ServerMetrics(llm.engine, config.model_name)
+    if llm is None:  # the front door: shared with any other client of the same engine in this process
+        llm = AsyncLLM.from_handle(open_engine("native", config.model, config.device, config.dtype,
+                                               **config.engine_options))
+    metrics = ServerMetrics(llm.handle.core, config.model_name)
     service = ChatCompletionService(llm, config, metrics)
     responses = ResponsesService(llm, config, metrics)
     api_key = config.resolved_api_key()
@@ -121,7 +123,7 @@ def build_app(config: ServerConfig, llm: AsyncLLM | None = None) -> FastAPI:
 
     def model_card() -> dict:
         return {"id": config.model_name, "object": "model", "created": 0, "owned_by": "xgenmm",
-                "max_model_len": llm.engine.max_model_len}
+                "max_model_len": llm.handle.max_model_len}
 
     @app.get("/v1/models", dependencies=[Depends(require_api_key)])
     async def list_models():

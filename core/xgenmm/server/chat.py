@@ -10,12 +10,13 @@ frees its KV blocks): streaming responses are cancelled by the ASGI server, non-
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from ..async_llm import AsyncLLM
 from ..chat.reply import ChoiceStream, chat_choice, usage_of
-from ..engine.engine_loop import new_request_id
+from ..client.request_ids import new_request_id
 from ..errors import ImageError, PromptError, XGenMMError
 from ..outputs import RequestOutput
 from ..tool_calls import TOOL_CALL_OPEN
@@ -52,9 +53,8 @@ class ChatCompletionService:
                               "request (xgenmm serve --max-images-per-request)", 400, param="messages",
                               code="too_many_images")
         request_id = new_request_id("chatcmpl")
-        chat = req.chat
-        kwargs = {**chat.chat_kwargs(), "image_policy": self.image_policy}
-        gen = self.llm.chat(chat.messages, chat.params, request_id=request_id, **kwargs)
+        chat = dataclasses.replace(req.chat, image_policy=self.image_policy)
+        gen = self.llm.chat(chat, request_id=request_id)
         try:
             first = await self._next_or_disconnect(gen, is_disconnected)
         except StopAsyncIteration:  # pragma: no cover - the engine always emits a final output

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..checkpoint import DEFAULT_MODEL_ID
+from ..checkpoint.hub import DEFAULT_MODEL_ID
 from ..errors import ConfigError
 from ..multimodal.image_sources import DEFAULT_MAX_IMAGE_BYTES, ImageInputPolicy
 

@@ -16,15 +16,15 @@ _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60)
 
 
 class _EngineCollector:
-    """Reads the engine's counters and gauges when Prometheus scrapes (no background polling)."""
+    """Reads the engine core's counters and gauges when Prometheus scrapes (no background polling)."""
 
-    def __init__(self, engine, model_name: str):
-        self._engine = engine
+    def __init__(self, core, model_name: str):
+        self._core = core
         self._model = model_name
 
     def collect(self):
-        s = self._engine.stats()
-        free = self._engine.block_manager.num_free_blocks
+        s = self._core.stats()
+        free = self._core.block_manager.num_free_blocks
         labels = ["model_name"]
         values = [self._model]
 
@@ -57,9 +57,11 @@ class _EngineCollector:
 
 
 class ServerMetrics:
-    def __init__(self, engine, model_name: str):
+    """`core`: the served engine's core (`EngineHandle.core`), read at scrape time."""
+
+    def __init__(self, core, model_name: str):
         self.registry = CollectorRegistry()
-        self.registry.register(_EngineCollector(engine, model_name))
+        self.registry.register(_EngineCollector(core, model_name))
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, cpu seconds, open fds
         self.request_latency = Histogram(
             "xgenmm_request_latency_seconds", "End-to-end latency of finished chat completions.",

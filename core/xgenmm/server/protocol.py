@@ -8,7 +8,6 @@ every other front end; its errors are mapped back to the OpenAI field names.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,10 +181,10 @@ def _check_tools(body: dict) -> tuple[list[dict] | None, str | dict | None]:
 
 
 def _sampling_param_name(exc: SamplingParamsError) -> str | None:
-    match = re.search(r"option ([a-z_.]+)=", str(exc)) or re.search(r"option\(s\): '([a-z_]+)'", str(exc))
-    if match is None:
+    """The request field an error is about, in OpenAI's names (the error carries it: `SamplingParamsError.field`)."""
+    if exc.field is None:
         return None
-    name = match.group(1).split(".")[0]
+    name = exc.field.split(".")[0]
     return _OPENAI_PARAM_NAMES.get(name, name)
 
 

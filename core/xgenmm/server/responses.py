@@ -1,4 +1,4 @@
-"""Builders for OpenAI chat-completion objects: responses, stream chunks, usage, logprobs, SSE framing."""
+"""Builders for OpenAI chat-completion objects: responses, stream chunks, SSE framing (usage: `chat.reply.usage_of`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 from ..chat.reply import TokenPieces, logprobs_content
 
-__all__ = ["TokenPieces", "logprobs_content", "new_completion_id", "now", "sse", "SSE_DONE", "usage", "chat_message",
+__all__ = ["TokenPieces", "logprobs_content", "new_completion_id", "now", "sse", "SSE_DONE", "chat_message",
            "completion_response", "chunk", "chunk_choice"]
 
 
@@ -28,15 +28,6 @@ def sse(data: dict | str) -> str:
 
 
 SSE_DONE = sse("[DONE]")
-
-
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
-    }
 
 
 def chat_message(content: str | None, tool_calls: list[dict] | None) -> dict[str, Any]:
@@ -60,6 +51,6 @@ def chunk(completion_id: str, created: int, model: str, choices: list[dict], usa
     return out
 
 
-def chunk_choice(index: int, delta: dict, finish_reason: str | None = None, logprobs: list[dict] | None = None) -> dict:
-    return {"index": index, "delta": delta, "logprobs": None if logprobs is None else {"content": logprobs},
-            "finish_reason": finish_reason}
+def chunk_choice(index: int, delta: dict, finish_reason: str | None = None) -> dict:
+    """One streamed choice; its logprobs (if asked for) are added by the caller on the delta's first chunk."""
+    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}

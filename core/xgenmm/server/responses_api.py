@@ -14,6 +14,7 @@ and `background` are refused (send the whole conversation in `input`, as with ch
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -23,7 +24,7 @@ from typing import Any
 
 from ..chat.reply import ChoiceStream, chat_choice, usage_of
 from ..chat.request import ChatRequest, build_chat_request, response_format_from_openai
-from ..engine.engine_loop import new_request_id
+from ..client.request_ids import new_request_id
 from ..errors import PromptError, SamplingParamsError
 from ..outputs import RequestOutput
 from ..sampling_params import RequestOutputKind
@@ -328,9 +329,8 @@ class ResponsesService(ChatCompletionService):
             raise OpenAIError(f"the request has {req.num_images} images; this server accepts at most {limit} per "
                               "request (xgenmm serve --max-images-per-request)", 400, param="input",
                               code="too_many_images")
-        chat = req.chat
-        kwargs = {**chat.chat_kwargs(), "image_policy": self.image_policy}
-        gen = self.llm.chat(chat.messages, chat.params, request_id=new_request_id("resp"), **kwargs)
+        chat = dataclasses.replace(req.chat, image_policy=self.image_policy)
+        gen = self.llm.chat(chat, request_id=new_request_id("resp"))
         try:
             first = await self._next_or_disconnect(gen, is_disconnected)
         except ClientDisconnected:

@@ -5,10 +5,11 @@ Shared by every front end through the engine's sampler: `GrammarCompiler(tokeniz
 """
 
 from .bitmask import allocate_token_bitmask, apply_token_bitmask, bitmask_to_allowed, bitmask_words
-from .compiler import FORBIDDEN_TOKEN_IDS, GrammarCompiler, build_ll_tokenizer, grammar_spec
+from .compiler import FORBIDDEN_TOKEN_IDS, CompiledGrammar, GrammarCompiler, build_ll_tokenizer, grammar_spec
 from .matcher import GrammarMatcher, fill_bitmasks
 
 __all__ = [
+    "CompiledGrammar",
     "GrammarCompiler",
     "GrammarMatcher",
     "FORBIDDEN_TOKEN_IDS",

@@ -21,7 +21,7 @@ from ..sampling_params import StructuredOutputsParams
 from ..special_tokens import END_TOKEN_ID, VLM_SPECIAL_TOKENS, VOCAB_SIZE, OFFICIAL_TOKEN_IDS
 from .matcher import GrammarMatcher
 
-__all__ = ["GrammarCompiler", "build_ll_tokenizer", "grammar_spec"]
+__all__ = ["CompiledGrammar", "GrammarCompiler", "build_ll_tokenizer", "grammar_spec"]
 
 # Image / placeholder / chunk tokens: a grammar must never let the model emit them.
 FORBIDDEN_TOKEN_IDS: tuple[int, ...] = tuple(OFFICIAL_TOKEN_IDS[t] for t in VLM_SPECIAL_TOKENS)
@@ -74,7 +74,7 @@ def grammar_spec(params: StructuredOutputsParams) -> str:
             return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in params.choice))
         return llguidance.LLMatcher.grammar_from_lark(params.grammar)
     except (ValueError, TypeError) as exc:
-        raise SamplingParamsError(f"invalid structured_outputs.{kind}: {exc}") from None
+        raise SamplingParamsError(f"invalid structured_outputs.{kind}: {exc}", field=f"structured_outputs.{kind}") from None
 
 
 def _cache_key(params: StructuredOutputsParams) -> str:
@@ -114,8 +114,14 @@ class GrammarCompiler:
 
     def compile(self, params: StructuredOutputsParams) -> GrammarMatcher:
         """A matcher at the start of the grammar. Raises `SamplingParamsError` for an invalid schema / grammar."""
+        return self.compile_grammar(params).matcher()
+
+    def compile_grammar(self, params: StructuredOutputsParams) -> "CompiledGrammar":
+        """The grammar compiled once (validated: `SamplingParamsError` if invalid); `.matcher()` gives each sequence
+        its own matcher without compiling again."""
         if not isinstance(params, StructuredOutputsParams):
-            raise SamplingParamsError(f"structured_outputs must be StructuredOutputsParams, got {type(params).__name__}")
+            raise SamplingParamsError(f"structured_outputs must be StructuredOutputsParams, got {type(params).__name__}",
+                                      field="structured_outputs")
         key = _cache_key(params)
         with self._lock:
             proto = self._cache.get(key)
@@ -127,15 +133,30 @@ class GrammarCompiler:
                 self._cache[key] = proto
                 while len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
-        return GrammarMatcher(proto.deep_copy(), self.eos_token_id, self.vocab_size, self.forbidden_token_ids)
+        return CompiledGrammar(params.kind, proto, self.eos_token_id, self.vocab_size, self.forbidden_token_ids)
 
     def _build(self, params: StructuredOutputsParams) -> llguidance.LLMatcher:
         spec = grammar_spec(params)
         kind = params.kind
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(spec, self.ll_tokenizer)
         if is_error:
-            raise SamplingParamsError(f"invalid structured_outputs.{kind}: {_first_line(messages[0])}")
+            raise SamplingParamsError(f"invalid structured_outputs.{kind}: {_first_line(messages[0])}",
+                                      field=f"structured_outputs.{kind}")
         matcher = llguidance.LLMatcher(self.ll_tokenizer, spec, log_level=0)
         if matcher.is_error():
-            raise SamplingParamsError(f"invalid structured_outputs.{kind}: {_first_line(matcher.get_error())}")
+            raise SamplingParamsError(f"invalid structured_outputs.{kind}: {_first_line(matcher.get_error())}",
+                                      field=f"structured_outputs.{kind}")
         return matcher
+
+
+class CompiledGrammar:
+    """One validated, compiled grammar (an llguidance matcher prototype); `matcher()` copies it for one sequence."""
+
+    def __init__(self, kind: str, proto: llguidance.LLMatcher, eos_token_id: int, vocab_size: int,
+                 forbidden_token_ids: tuple[int, ...]) -> None:
+        self.kind = kind
+        self._proto = proto
+        self._args = (eos_token_id, vocab_size, forbidden_token_ids)
+
+    def matcher(self) -> GrammarMatcher:
+        return GrammarMatcher(self._proto.deep_copy(), *self._args)

@@ -118,7 +118,7 @@ def fixture_samples(fixture_dir) -> list[Sample]:
 
     from PIL import Image
 
-    from ..image_processing import ImageProcessor
+    from ..multimodal.image_processing import ImageProcessor
 
     fixture_dir = Path(fixture_dir)
     processor = ImageProcessor.from_pretrained(fixture_dir / "checkpoint")

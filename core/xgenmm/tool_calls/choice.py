@@ -7,16 +7,24 @@ from typing import Any
 
 from ..errors import PromptError
 
-__all__ = ["normalize_tools", "tool_names", "resolve_tool_choice"]
+__all__ = ["NormalizedTools", "normalize_tools", "tool_names", "resolve_tool_choice"]
+
+
+class NormalizedTools(list):
+    """Tools `normalize_tools` already checked: passed again (to the tool-choice resolver, the grammar builder, the
+    prompt renderer, the reply parser), they are not validated again."""
 
 
 def normalize_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]]:
     """OpenAI function tools `{"type": "function", "function": {"name", "description", "parameters"}}`.
 
     Also accepts the bare function object `{"name", "description", "parameters"}`. Raises `PromptError` naming the
-    tool index for anything else. A repeated name keeps its first definition (a call names one tool).
+    tool index for anything else. A repeated name keeps its first definition (a call names one tool). The result is
+    a `NormalizedTools`, returned as it is when given back, so a request's tools are validated once.
     """
-    out: list[dict[str, Any]] = []
+    if isinstance(tools, NormalizedTools):
+        return tools
+    out = NormalizedTools()
     seen: dict[str, dict[str, Any]] = {}
     for i, tool in enumerate(tools or ()):
         if not isinstance(tool, Mapping):

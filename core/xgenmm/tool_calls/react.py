@@ -59,11 +59,13 @@ def react_limits(tools: Sequence[Mapping[str, Any]], max_tokens: int, *,
     only make the derived ones smaller). Raises `SamplingParamsError` naming the smallest `max_tokens` that works when
     even a one-character thought plus the smallest arguments of some tool cannot fit."""
     if max_tokens is None or max_tokens <= 0:
-        raise SamplingParamsError(f"max_tokens must be a positive integer for a ReAct step, got {max_tokens!r}")
+        raise SamplingParamsError(f"max_tokens must be a positive integer for a ReAct step, got {max_tokens!r}",
+                                  field="max_tokens")
     thought_cap = DEFAULT_MAX_THOUGHT_CHARS if max_thought_chars is None else max_thought_chars
     answer_cap = DEFAULT_MAX_ANSWER_CHARS if max_answer_chars is None else max_answer_chars
     if thought_cap < 1 or answer_cap < 1:
-        raise SamplingParamsError("max_thought_chars and max_answer_chars must be at least 1")
+        raise SamplingParamsError("max_thought_chars and max_answer_chars must be at least 1",
+                                  field="max_thought_chars" if thought_cap < 1 else "max_answer_chars")
     normalized = normalize_tools(tools)
     # The tool whose action leaves the least room decides the thought (the grammar has one THOUGHT rule).
     room = max_tokens - 1  # what a one-character thought leaves for the worst tool's action
@@ -76,7 +78,8 @@ def react_limits(tools: Sequence[Mapping[str, Any]], max_tokens: int, *,
     if normalized and room < 1:
         raise SamplingParamsError(
             f"max_tokens={max_tokens} is too small for a ReAct step that calls a tool: the longest tool name and the "
-            f"smallest arguments need max_tokens >= {needed}; raise max_tokens (or shorten the tool's name/schema)")
+            f"smallest arguments need max_tokens >= {needed}; raise max_tokens (or shorten the tool's name/schema)",
+            field="max_tokens")
     thought = max(1, min(thought_cap, room // _THOUGHT_SHARE if normalized else max_tokens))
     arguments = None
     if normalized:
@@ -85,7 +88,8 @@ def react_limits(tools: Sequence[Mapping[str, Any]], max_tokens: int, *,
             arguments = min(arguments, max_argument_tokens)
     answer_room = max_tokens - len((_THOUGHT + "\n" + _ANSWER).encode()) - thought - _END_OF_TURN
     if answer_room < 1:
-        raise SamplingParamsError(f"max_tokens={max_tokens} is too small for a ReAct answer; raise max_tokens")
+        raise SamplingParamsError(f"max_tokens={max_tokens} is too small for a ReAct answer; raise max_tokens",
+                                  field="max_tokens")
     return ReActLimits(thought, min(answer_cap, answer_room), arguments)
 
 
@@ -105,10 +109,10 @@ def react_grammar(tools: Sequence[Mapping[str, Any]], *, allow_action: bool = Tr
     schema leaves it open, bounded to `limits.max_argument_tokens` (`xgenmm.structured.schema_budget`).
     """
     if not (allow_action or allow_answer):
-        raise SamplingParamsError("a ReAct step must allow an action, an answer or both")
+        raise SamplingParamsError("a ReAct step must allow an action, an answer or both", field="allow_action")
     normalized = normalize_tools(tools) if allow_action else []
     if allow_action and not normalized:
-        raise SamplingParamsError("a ReAct step that allows an action needs at least one tool")
+        raise SamplingParamsError("a ReAct step that allows an action needs at least one tool", field="tools")
     branches: list[str] = []
     rules: list[str] = []
     if allow_action:
@@ -116,7 +120,8 @@ def react_grammar(tools: Sequence[Mapping[str, Any]], *, allow_action: bool = Tr
         for i, tool in enumerate(normalized):
             name = tool["function"]["name"]
             if any(c in name for c in " ()\n"):
-                raise SamplingParamsError(f"tool name {name!r} cannot be used with ReAct (spaces or parentheses)")
+                raise SamplingParamsError(f"tool name {name!r} cannot be used with ReAct (spaces or parentheses)",
+                                          field="tools")
             schema = _argument_schema(tool["function"]["parameters"])
             if limits.max_argument_tokens is not None:
                 schema = bound_json_schema(schema, limits.max_argument_tokens, reserve_tokens=0).schema

@@ -1,22 +1,24 @@
-"""Requests in, checked: prompt parsing, tokenization, image loading and tiling, fusion and the context budget.
+"""Requests in, checked, once: prompt parsing, tokenization, image opening / decoding / tiling, the image count,
+fusion, the context budget and the grammar, on the client's side of the engine core.
 
-Everything that can fail on bad input fails here, in the caller's thread, for that request alone; the engine loop
-only ever sees prepared requests. Budgets come before work: images are opened header-only, so their count, their
-pixels (each and together) and the prompt length with their vision tokens are checked before any pixel is decoded;
-then they are decoded one at a time (at most `max_concurrent_image_decodes` in the whole engine), tiled and dropped,
-and memory held by a large decode is handed back to the OS. The native engine and the vLLM backend share one `InputProcessor`: the same prompt
-forms (vLLM's `str` / `{"prompt" | "prompt_token_ids", "multi_modal_data"}`), the same tokenizer (upstream-exact
-ids, `xgenmm.tokenizer`), the same image policy and checks, the same `max_tokens` clamping. Where the backends differ
-(the native engine tiles and fuses images itself, vLLM only wants the decoded images) each calls the parts it needs.
+Everything that can fail on bad input fails here, in the caller's thread, for that request alone; an engine core
+only ever sees prepared requests (`xgenmm.engine.request.PreparedRequest`). Budgets come before work: images are
+opened header-only (each exactly once: a chat's images come already opened by the renderer and are not opened
+again), so their count, their pixels (each and together) and the prompt length with their vision tokens are checked
+before any pixel is decoded; then they are decoded one at a time (at most `max_concurrent_image_decodes` per engine),
+tiled when the core wants tiles, and memory held by a large decode is handed back to the OS. The same prompt forms
+(vLLM's `str` / `{"prompt" | "prompt_token_ids", "multi_modal_data"}`), tokenizer (upstream-exact ids), image policy,
+checks and `max_tokens` clamping serve every core; the core's `CoreInputSpec` says what it wants (tiles and a fused
+prompt for the native core, decoded images for vLLM).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import operator
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
@@ -28,13 +30,14 @@ from ..errors import (
     PromptTooLongError,
     SamplingParamsError,
 )
-from ..multimodal.fusion import FusedPrompt, fuse_prompt
+from ..engine.request import CoreInputSpec, PreparedRequest
+from ..multimodal.fusion import fuse_prompt
 from ..multimodal.image_processing import ImageProcessor, ProcessedImage
 from ..multimodal.image_sources import ImageInputPolicy, decode_image, load_image
 from ..sampling_params import SamplingParams
 from ..special_tokens import IMAGE_TOKEN_ID
 
-__all__ = ["InputProcessor", "ParsedPrompt", "PreparedRequest", "PROMPT_FIELDS", "release_freed_memory"]
+__all__ = ["InputProcessor", "ParsedPrompt", "PROMPT_FIELDS", "release_freed_memory"]
 
 PROMPT_FIELDS = frozenset({"prompt", "prompt_token_ids", "multi_modal_data"})
 # After decoding images of at least this many pixels in one request, hand freed heap back to the OS.
@@ -73,55 +76,70 @@ class ParsedPrompt:
     images: list[Any]
 
 
-@dataclass
-class PreparedRequest:
-    """A native-engine request after tokenization and image processing, ready for the engine loop."""
-
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    images: list[ProcessedImage]
-    fused: FusedPrompt
-    params: SamplingParams
-    arrival_time: float = field(default_factory=time.monotonic)
-
-
 class InputProcessor:
-    """Turns caller prompts into checked requests (see the module docstring). Thread-safe."""
+    """Turns caller prompts into checked, prepared requests for one engine core (see the module docstring).
+    Thread-safe. `grammar_compiler` (a `xgenmm.structured.GrammarCompiler`, or None for a core that validates
+    grammars itself) compiles each request's grammar once; the core spawns one matcher per sample from it."""
 
-    def __init__(self, tokenizer, image_processor: ImageProcessor, *, vocab_size: int, max_model_len: int,
-                 max_images_per_prompt: int, default_image_policy: ImageInputPolicy,
-                 max_concurrent_image_decodes: int = 2):
+    def __init__(self, tokenizer, image_processor: ImageProcessor, spec: CoreInputSpec, *,
+                 default_image_policy: ImageInputPolicy, max_concurrent_image_decodes: int = 2,
+                 grammar_compiler=None):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
+        self.spec = spec
         self.is_base_model = not image_processor.anyres
-        self.vocab_size = vocab_size
-        self.max_model_len = max_model_len
-        self.max_images_per_prompt = max_images_per_prompt
+        self.vocab_size = spec.vocab_size
+        self.max_model_len = spec.max_model_len
+        self.max_images_per_prompt = spec.max_images_per_prompt
         self.default_image_policy = default_image_policy
+        self.grammar_compiler = grammar_compiler
         self._decode_slots = threading.BoundedSemaphore(max(1, max_concurrent_image_decodes))
 
-    # ---- the native engine's whole path ---------------------------------------------------------------------------
+    # ---- the two entry points --------------------------------------------------------------------------------------
     def process(self, prompt: Any, params: SamplingParams | None, request_id: str,
                 image_policy: ImageInputPolicy | None = None) -> PreparedRequest:
-        """Parse, tokenize, load and tile images, fuse, clamp `max_tokens` to the context."""
+        """A vLLM-shaped prompt: parse, tokenize, open its images (headers), then `prepare`."""
         params = self.check_params(params)
         parsed = self.parse(prompt)
         opened = self.load_images(parsed.images, image_policy, request_id)  # headers only
-        self.check_image_tags(parsed.token_ids, len(opened), request_id)
+        return self._prepare(parsed, opened, params, request_id)
+
+    def process_opened(self, text: str | None, token_ids: list[int], images: list[Any], params: SamplingParams | None,
+                       request_id: str, image_policy: ImageInputPolicy | None = None) -> PreparedRequest:
+        """A prompt whose images the caller already opened (header-only PIL images, e.g. the chat renderer's, under
+        the same policy): they are not opened again; the per-request limits are checked here."""
+        params = self.check_params(params)
+        self.check_request_images(images, image_policy or self.default_image_policy, request_id)
+        return self._prepare(ParsedPrompt(text, list(token_ids), []), list(images), params, request_id)
+
+    def _prepare(self, parsed: ParsedPrompt, opened: list[Any], params: SamplingParams,
+                 request_id: str) -> PreparedRequest:
+        self.check_image_tags(parsed.token_ids, len(opened), request_id)  # the request's one image-count check
         # Budgets before work: the context must hold the prompt with every image's vision tokens.
-        self.fit_to_context(params, self.fused_length(parsed.token_ids, opened), request_id)
-        images = self.decode_images(opened, request_id, tile=True)
-        fused = fuse_prompt(parsed.token_ids, images, base_model=self.is_base_model)
-        params = self.fit_to_context(params, len(fused.token_ids), request_id)
-        return PreparedRequest(request_id, parsed.text, parsed.token_ids, images, fused, params)
+        fused_length = self.fused_length(parsed.token_ids, opened)
+        params = self.fit_to_context(params, fused_length, request_id)
+        grammar = None
+        if params.structured_outputs is not None and self.grammar_compiler is not None:
+            grammar = self.grammar_compiler.compile_grammar(params.structured_outputs)  # a bad one fails alone, now
+        tiles = self.spec.tiles_images
+        if not tiles and any(isinstance(im, ProcessedImage) for im in opened):
+            raise PromptError("this backend tiles images itself and needs the source images (PIL, bytes, path, "
+                              "URL, ...), not already processed ProcessedImages")
+        images = self.decode_images(opened, request_id, tile=tiles)
+        fused = None
+        if tiles:
+            fused = fuse_prompt(parsed.token_ids, images, base_model=self.is_base_model)
+            fused_length = len(fused.token_ids)
+            params = self.fit_to_context(params, fused_length, request_id)
+        return PreparedRequest(request_id, parsed.text, parsed.token_ids, images, fused, params, fused_length, grammar)
 
     # ---- shared parts ---------------------------------------------------------------------------------------------
     @staticmethod
     def check_params(params: SamplingParams | None) -> SamplingParams:
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
-            raise SamplingParamsError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+            raise SamplingParamsError(f"sampling_params must be a SamplingParams, got {type(params).__name__}",
+                                      field="sampling_params")
         return params
 
     def parse(self, prompt: Any) -> ParsedPrompt:
@@ -140,7 +158,10 @@ class InputProcessor:
         if not isinstance(images, (list, tuple)):
             images = [images]
         if "prompt_token_ids" in prompt:
-            ids = [int(t) for t in prompt["prompt_token_ids"]]
+            try:
+                ids = [operator.index(t) for t in prompt["prompt_token_ids"]]
+            except TypeError:
+                raise PromptError("prompt_token_ids must be a list of int token ids") from None
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
                 raise PromptError(f"prompt_token_ids contains ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
@@ -152,30 +173,35 @@ class InputProcessor:
             raise PromptError(f"'prompt' must be a string, got {type(text).__name__}")
         return ParsedPrompt(text, list(self.tokenizer(text, add_special_tokens=False).input_ids), list(images))
 
-    def load_images(self, images: list[Any], image_policy: ImageInputPolicy | None, request_id: str,
-                    *, allow_processed: bool = True) -> list[Any]:
-        """Open every image reference under the policy, header only (PIL images out; `ProcessedImage`s pass through
-        when `allow_processed`), after the per-request image limit; the request's total pixels are checked here,
-        before any pixel is decoded."""
+    def load_images(self, images: list[Any], image_policy: ImageInputPolicy | None, request_id: str) -> list[Any]:
+        """Open every image reference under the policy, header only (PIL images out; `ProcessedImage`s pass
+        through), after the per-request image limit; the request's total pixels are checked before any pixel is
+        decoded."""
+        self._check_count(images, request_id)
+        policy = image_policy or self.default_image_policy
+        out = [image if isinstance(image, ProcessedImage) else load_image(image, policy, what=f"image {index}",
+                                                                            decode=False)
+               for index, image in enumerate(images)]
+        self._check_total_pixels(out, policy, request_id)
+        return out
+
+    def check_request_images(self, images: list[Any], policy: ImageInputPolicy, request_id: str) -> None:
+        """The per-request limits (image count, total pixels) for images that are already open."""
+        self._check_count(images, request_id)
+        self._check_total_pixels(images, policy, request_id)
+
+    def _check_count(self, images: list[Any], request_id: str) -> None:
         if len(images) > self.max_images_per_prompt:
             raise PromptError(f"request {request_id!r} has {len(images)} images; the limit is "
                               f"{self.max_images_per_prompt} (engine option max_images_per_prompt)")
-        policy = image_policy or self.default_image_policy
-        out = []
-        for index, image in enumerate(images):
-            if isinstance(image, ProcessedImage):
-                if not allow_processed:
-                    raise PromptError(f"image {index}: this backend tiles images itself and needs the source image "
-                                      "(PIL, bytes, path, URL, ...), not an already processed ProcessedImage")
-                out.append(image)
-            else:
-                out.append(load_image(image, policy, what=f"image {index}", decode=False))
+
+    @staticmethod
+    def _check_total_pixels(images: list[Any], policy: ImageInputPolicy, request_id: str) -> None:
         limit = policy.max_request_image_pixels
-        total = sum(im.size[0] * im.size[1] for im in out if isinstance(im, Image.Image))
+        total = sum(im.size[0] * im.size[1] for im in images if isinstance(im, Image.Image))
         if limit is not None and total > limit:
             raise ImageTooLargeError(f"request {request_id!r}: its images have {total} pixels together; the limit "
                                      f"per request is {limit}")
-        return out
 
     def decode_images(self, images: list[Any], request_id: str, *, tile: bool) -> list[Any]:
         """Decode header-only images one at a time, in place in `images` (at most `max_concurrent_image_decodes` in
