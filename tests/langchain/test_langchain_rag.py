@@ -61,6 +61,30 @@ def test_loader_respects_the_image_byte_limit(llm, image_folder):
         XGenMMImageLoader(image_folder / "a.png", llm=strict, show_progress=False).load()
 
 
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_loader_skips_and_reports_corrupt_files_with_on_error_skip(llm, image_folder, capsys, asynchronous):
+    import asyncio
+
+    from xgenmm.errors import ImageError
+
+    (image_folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with pytest.raises(ImageError, match="broken.png"):  # the default stops at the bad file, naming it
+        XGenMMImageLoader(image_folder, llm=llm, show_progress=False).load()
+    loader = XGenMMImageLoader(image_folder, llm=llm, on_error="skip", batch_size=1)
+    if asynchronous:
+        async def collect():
+            return [d async for d in loader.alazy_load()]
+
+        docs = asyncio.run(collect())
+    else:
+        docs = loader.load()
+    assert [d.metadata["file_name"] for d in docs] == ["a.png", "b.jpg", "c.webp"]
+    assert [s.source for s in loader.skipped] == [str(image_folder / "broken.png")] and loader.skipped[0].reason
+    assert "unreadable, skipped: " in capsys.readouterr().err
+    with pytest.raises(ValueError, match="on_error"):
+        XGenMMImageLoader(image_folder, llm=llm, on_error="ignore")
+
+
 def test_image_qa_tool_answers_under_policy(llm, image_folder):
     allowed = llm.model_copy(update={"allow_local_files": True, "local_file_roots": [str(image_folder)]})
     tool = XGenMMImageQATool(llm=allowed)
@@ -89,3 +113,15 @@ def test_image_qa_tool_catalogue_is_an_enum_and_reads_configured_files(llm, imag
     bound = llm.model_copy(update={"max_tokens": 60}).bind_tools([tool], tool_choice="any")
     call = bound.invoke("Look at one of the pictures.").tool_calls[0]
     assert call["args"]["image"] in ("red", "blue")
+
+
+def test_a_refused_local_image_names_chatxgenmms_own_option(llm, image_folder):
+    from langchain_core.messages import HumanMessage
+
+    from xgenmm.errors import ImageSourceNotAllowedError
+
+    message = HumanMessage(content=[{"type": "image_url", "image_url": {"url": str(image_folder / "a.png")}},
+                                    {"type": "text", "text": "What is this?"}])
+    with pytest.raises(ImageSourceNotAllowedError) as info:
+        llm.invoke([message])
+    assert "ChatXGenMM(allow_local_files=True)" in str(info.value) and "ImageInputPolicy" not in str(info.value)

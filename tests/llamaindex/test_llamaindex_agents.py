@@ -109,3 +109,31 @@ def test_react_constraint_picks_the_step_from_the_conversation():
     assert observations_since_user([system, user, step, seen, step, seen]) == 2
     with pytest.raises(ValueError, match="allow an action, an answer or both"):
         react_grammar(tools, allow_action=False, allow_answer=False)
+
+
+def test_documented_react_recipe_finishes_at_the_default_max_tokens(model_path):
+    """docs/llamaindex.md's recipe as written: default max_tokens, one `add` tool, min 1 / max 3 tool calls."""
+    from llama_index.llms.xgenmm import XGenMM
+
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    tool = FunctionTool.from_defaults(fn=add)
+    llm = XGenMM(model=model_path, device="cpu", dtype="float32",
+                 structured_outputs=ReActConstraint([tool], min_tool_calls=1, max_tool_calls=3))
+    final, results, outputs = asyncio.run(_run(ReActAgent(tools=[tool], llm=llm), "What is 2 + 3?"))
+    assert 1 <= len(results) <= 3 and all(not r.tool_output.is_error for r in results)
+    assert all(r.tool_output.raw_output == r.tool_kwargs["a"] + r.tool_kwargs["b"] for r in results)
+    assert final.response.content and "Observation" not in final.response.content
+
+
+def test_react_constraint_limits_follow_the_calls_max_tokens():
+    tools = [FunctionTool.from_defaults(fn=lambda a, b: a + b, name="add", description="Add.")]
+    constraint = ReActConstraint(tools, max_thought_chars=50)
+    small, large = constraint.limits(64), constraint.limits(1024)
+    assert small.max_argument_tokens < large.max_argument_tokens and small.max_thought_chars <= large.max_thought_chars
+    assert large.max_thought_chars == 50  # the explicit cap holds
+    system = ChatMessage(role="system", content="... Action Input: {...} ...")
+    grammar = constraint([system, ChatMessage(role="user", content="2+3?")], max_tokens=64).grammar
+    assert f"{{1,{small.max_thought_chars}}}" in grammar

@@ -127,10 +127,10 @@ def test_simple_directory_reader_sync_and_async(reader, image_dir):
 def test_vector_store_index_retrieves_images_and_feeds_them_back(reader, model_path, image_dir):
     from llama_index.llms.xgenmm import XGenMM
 
-    from llamaindex_xgenmm.embeddings import LocalSentenceEmbedding
+    from llamaindex_xgenmm.embeddings import TestOnlyHashingEmbedding
 
     docs = SimpleDirectoryReader(str(image_dir), file_extractor={".png": reader}).load_data()
-    embed = LocalSentenceEmbedding.bundled_minilm()
+    embed = TestOnlyHashingEmbedding()
     index = VectorStoreIndex.from_documents(docs, embed_model=embed)
     target = next(d for d in docs if d.metadata["file_name"] == "green.png")
     hits = index.as_retriever(similarity_top_k=2).retrieve(target.text)

@@ -34,6 +34,7 @@ from ..outputs import RequestOutput
 from ..placement import Placement, resolve_dtype
 from ..special_tokens import VOCAB_SIZE
 from ..tokenizer import load_tokenizer
+from .vllm_kv_cache import vllm_cpu_kv_cache_bytes
 from .vllm_outputs import RequestTracker, leading_spaces_stripped_by_decode
 from .vllm_params import to_vllm_sampling_params
 
@@ -57,7 +58,6 @@ UNSUPPORTED_OPTIONS = {
     "attention_backend": "vLLM chooses its own attention kernels (see VLLM_ATTENTION_BACKEND)",
     "vision_cache_bytes": "vLLM sizes its multimodal encoder cache itself (see mm_processor_cache_gb)",
 }
-DEFAULT_CPU_KV_CACHE_BYTES = 1024**3  # the native engine's CPU default
 
 
 @dataclass
@@ -83,7 +83,8 @@ def build_engine_args(model_dir: str, device: str | None, dtype: Any, options: d
     for name, why in UNSUPPORTED_OPTIONS.items():
         if options.pop(name, None) is not None:
             raise ConfigError(f"engine option {name!r} is not supported by the vLLM backend: {why}")
-    resolved = resolve_dtype(dtype, XGenMMConfig.from_pretrained(model_dir), torch.device(platform))
+    model_config = XGenMMConfig.from_pretrained(model_dir)
+    resolved = resolve_dtype(dtype, model_config, torch.device(platform))
     args: dict[str, Any] = {
         "model": model_dir,
         "tokenizer": model_dir,
@@ -95,7 +96,8 @@ def build_engine_args(model_dir: str, device: str | None, dtype: Any, options: d
     if platform == "cpu":
         args["enforce_eager"] = True  # torch.compile costs ~40 s per start on CPU for little gain at small batch
         if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-            args["kv_cache_memory_bytes"] = DEFAULT_CPU_KV_CACHE_BYTES
+            # Sized from the model: at least one full-context sequence (vLLM refuses to start with less).
+            args["kv_cache_memory_bytes"] = vllm_cpu_kv_cache_bytes(model_config, resolved, options.get("max_model_len"))
     for native, vllm_name in MAPPED_OPTIONS.items():
         if native in options:
             value = options.pop(native)

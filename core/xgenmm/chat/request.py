@@ -38,12 +38,21 @@ __all__ = [
     "build_chat_request",
     "response_format_from_openai",
     "sampling_params_from_openai",
+    "DEFAULT_MAX_TOKENS",
+    "CAPTION_MAX_TOKENS",
     "OPENAI_SAMPLING_OPTIONS",
     "VLLM_SAMPLING_OPTIONS",
 ]
 
 # OpenAI chat-completions sampling fields, and vLLM's extras (what `extra_body` carries); anything else a front end
 # passes is a `SamplingParamsError` naming it.
+# The reply budget of the interactive front ends (`xgenmm chat`, `ChatXGenMM`, `XGenMM`): room for a detailed answer
+# about an image while leaving most of the 4k context to the prompt (an image costs 128 tokens a view, up to 5 views).
+# `xgenmm caption` uses CAPTION_MAX_TOKENS (a caption is embedded for retrieval: short and focused); the HTTP server
+# follows OpenAI's contract (no max_tokens = until the context is full; `xgenmm serve --max-tokens-default`).
+DEFAULT_MAX_TOKENS = 512
+CAPTION_MAX_TOKENS = 128
+
 OPENAI_SAMPLING_OPTIONS = ("temperature", "top_p", "n", "seed", "stop", "max_tokens", "max_completion_tokens",
                            "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs")
 VLLM_SAMPLING_OPTIONS = ("top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..chat.request import CAPTION_MAX_TOKENS
 from ..errors import EngineDeadError, ImageError, XGenMMError
 from .common import CLIError, add_engine_args, add_model_args, engine_options, eprint, local_image_policy, resolve_model
 
@@ -30,7 +31,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=DEFAULT_PROMPT,
                    help=f"instruction sent with each image (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--recursive", "-r", action="store_true", help="include sub-folders")
-    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=CAPTION_MAX_TOKENS,
+                   help=f"most tokens per caption (default {CAPTION_MAX_TOKENS}: captions are embedded, keep them short)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--concurrency", type=int, default=32,
                    help="images in flight at once (the engine batches them; decoding overlaps generation)")

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..chat.request import DEFAULT_MAX_TOKENS
 from .common import (
     CLIError,
     add_engine_args,
@@ -32,7 +33,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--image", "-i", action="append", default=[], metavar="PATH",
                    help="an image file (repeat for several; they come before the question, in order)")
     p.add_argument("--system", default=None, help="system message (default: the model's SFT system message)")
-    p.add_argument("--max-tokens", type=int, default=768)
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                   help=f"most tokens per reply (default {DEFAULT_MAX_TOKENS}, as ChatXGenMM and XGenMM)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)

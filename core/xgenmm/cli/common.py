@@ -32,7 +32,8 @@ def add_model_args(parser: argparse.ArgumentParser, model_default: str | None = 
                             f"(default: ${MODEL_ENV} or {DEFAULT_MODEL_ID})")
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     group.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16 (default auto: bfloat16 "
-                                                     "on GPU and on CPUs that compute bf16 natively, else float32)")
+                                                     "on GPU and on CPUs that compute bf16 natively (AMX / AVX-512 "
+                                                     "BF16), float32 on other CPUs)")
 
 
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
@@ -108,8 +109,10 @@ def local_image_policy(paths: list[str | Path] | None = None,
     no byte limit (the pixel limit still guards against decompression bombs); never remote URLs."""
     folders = [str(Path(r).resolve()) for r in (roots or [])]
     folders += [str(Path(p).resolve().parent) for p in (paths or [])]
-    return ImageInputPolicy(allow_local_files=True, local_file_roots=tuple(dict.fromkeys(folders)),
-                            max_image_bytes=None)
+    policy = ImageInputPolicy(allow_local_files=True, local_file_roots=tuple(dict.fromkeys(folders)),
+                              max_image_bytes=None)
+    return policy.with_hints({"allow_remote_images": "the command line reads local files only: download the image "
+                                                     "and pass its path"})
 
 
 def check_image_files(paths: list[str]) -> list[Path]:

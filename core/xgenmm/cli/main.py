@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="xgenmm", description="Fast, faithful inference for Salesforce xGen-MM (BLIP-3) v1.5.",
-        epilog="Example:  xgenmm chat --image examples/images/shapes.png \"What is in this image?\"")
+        epilog="Example:  xgenmm chat --image examples/images/house.png \"What is in this image?\"")
     parser.add_argument("--version", action="version", version=f"xgenmm {__version__}")
     parser.add_argument("--verbose", "-v", action="store_true", help="log engine messages to stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         from ..server import ServerConfig, run_server
     except ImportError as exc:
         raise CLIError(f"the server needs extra packages ({exc.name} is missing): "
-                       "pip install 'xgenmm[server]'") from None
+                       'pip install ".[server]" in the xgenmm folder (README "Install")') from None
     resolve_model(args.model)
     config = ServerConfig(
         model=args.model, device=args.device, dtype=args.dtype, served_model_name=args.served_model_name,

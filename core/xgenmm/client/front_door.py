@@ -46,7 +46,7 @@ def open_engine(backend: str = "native", model: str = DEFAULT_MODEL_ID, device: 
                 shared: bool = True, tensor_parallel_size: int = 1, **options: Any) -> EngineHandle:
     """The engine for (`backend`, `model`, `device`, `dtype`, `options`), opened on first use and shared (see the
     module docstring for the key rule); `shared=False` opens a private one. `backend`: "native" (xgenmm's engine) or
-    "vllm" (needs `pip install "xgenmm[vllm]"`; `tensor_parallel_size` > 1 needs it). Options: the engine's
+    "vllm" (needs vLLM: the `vllm` extra, docs/vllm.md; `tensor_parallel_size` > 1 needs it). Options: the engine's
     (`xgenmm.engine.config.EngineConfig` for native; vLLM's in `xgenmm.backends.vllm_backend`) and the client's
     (`ClientSettings`: `image_policy`, `max_concurrent_image_decodes`, `chat_content_tokens`)."""
     name = str(backend).lower()
@@ -115,7 +115,7 @@ def _require_vllm() -> None:
     try:
         import vllm  # noqa: F401  (only to fail early with an install hint)
     except ImportError as exc:
-        raise ConfigError('backend "vllm" needs vLLM: pip install "xgenmm[vllm]" (vLLM 0.32)') from exc
+        raise ConfigError('backend "vllm" needs vLLM 0.32: pip install ".[vllm]" in the xgenmm folder (docs/vllm.md)') from exc
 
 
 def _vllm_platform() -> str:

@@ -3,7 +3,8 @@
 The sources are compiled with `torch.utils.cpp_extension` into a cache directory keyed by a hash of the sources,
 the compiler flags, the torch build and the Python version, so every later process just loads the library (no
 per-process compile). `python -m xgenmm.cpu_kernels build` builds it ahead of time (CI's setup does); otherwise the
-first process that needs it builds it, under cpp_extension's file lock, which takes ~20-40 s once.
+first process that needs it builds it, under cpp_extension's file lock, which takes 1-2 minutes once (measured:
+70+ s on a 2-core machine), with a progress line every 15 s (`BuildProgress`). The build needs `ninja`.
 
 The kernels use AVX-512 with the BF16 extension (VDPBF16PS, VCVTNEPS2BF16): Sapphire Rapids / Cooper Lake Xeons,
 AMD Zen 4 and later. Elsewhere (or with no C++ compiler) nothing is built and callers keep their torch paths.
@@ -18,6 +19,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -86,7 +88,41 @@ def _why_not() -> str | None:
         return "this CPU has no AVX-512 BF16 instructions"
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         return "no C++ compiler (c++) on PATH"
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if not is_ninja_available():
+        return "ninja is not installed (pip install ninja; the xgenmm package declares it)"
     return None
+
+
+class BuildProgress:
+    """While a slow step runs: say it started (where, and how long it usually takes), a line every `every_s` seconds
+    so a user sees it is alive, and how long it took."""
+
+    def __init__(self, what: str, where: str, expected: str, every_s: float = 15.0, say=None) -> None:
+        self.what, self.where, self.expected, self.every_s = what, where, expected, every_s
+        self.say = say or (lambda message: logger.warning("%s", message))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._start = 0.0
+
+    def __enter__(self) -> "BuildProgress":
+        self._start = time.monotonic()
+        self.say(f"{self.what} into {self.where} (once per machine; usually {self.expected})")
+        self._thread = threading.Thread(target=self._tick, name="xgenmm-build-progress", daemon=True)
+        self._thread.start()
+        return self
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.say(f"... still {self.what}: {time.monotonic() - self._start:.0f} s so far")
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        outcome = "done" if exc_type is None else "failed"
+        self.say(f"{self.what}: {outcome} after {time.monotonic() - self._start:.0f} s")
 
 
 def _build_and_load() -> None:
@@ -100,7 +136,7 @@ def _build_and_load() -> None:
     if library.is_file():
         torch.ops.load_library(str(library))
         return
-    logger.warning("building the xgenmm CPU kernels into %s (once per machine; ~30 s)", build_dir)
-    cpp_extension.load(name=name, sources=[str(CSRC / s) for s in SOURCES], extra_cflags=list(CFLAGS),
-                       extra_ldflags=list(LDFLAGS), build_directory=str(build_dir), is_python_module=False,
-                       verbose=False)
+    with BuildProgress("building the xgenmm CPU kernels", str(build_dir), "1-2 minutes"):
+        cpp_extension.load(name=name, sources=[str(CSRC / s) for s in SOURCES], extra_cflags=list(CFLAGS),
+                           extra_ldflags=list(LDFLAGS), build_directory=str(build_dir), is_python_module=False,
+                           verbose=False)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import dataclasses
 import io
 import os
 import re
@@ -43,6 +44,7 @@ __all__ = [
     "MAX_REDIRECTS",
     "SAFE_IMAGE_FORMATS",
     "ImageInputPolicy",
+    "adapter_enable_hints",
     "decode_data_url",
     "image_to_data_url",
     "is_public_address",
@@ -75,6 +77,8 @@ class ImageInputPolicy:
     ``max_image_bytes`` / ``max_image_pixels``: per image, None = unlimited; ``max_request_image_pixels``: all the
     images of one request together (checked from the headers, before any pixel is decoded). ``allowed_schemes``
     governs remote URLs only (``data:`` is always accepted; ``file://`` follows ``allow_local_files``).
+    ``enable_hints``: (option, sentence) pairs a front end sets so that a refusal tells its user how *they* turn the
+    option on (their class's field, their server flag, or that they cannot at all); see ``how_to_enable``.
     """
 
     allow_remote_images: bool = False
@@ -86,6 +90,8 @@ class ImageInputPolicy:
     fetch_timeout_s: float = 10.0
     allowed_schemes: tuple[str, ...] = ("http", "https")
     max_request_image_pixels: int | None = None
+    # How to turn an option on, in the words of the front end in use; not part of what the policy allows.
+    enable_hints: tuple[tuple[str, str], ...] = dataclasses.field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         roots = self.local_file_roots
@@ -106,6 +112,17 @@ class ImageInputPolicy:
             raise ConfigError(f"fetch_timeout_s must be positive, got {self.fetch_timeout_s}")
 
 
+    def how_to_enable(self, option: str) -> str:
+        """The sentence a refusal ends with: the front end's own hint for `option`, else the core's option."""
+        for name, hint in self.enable_hints:
+            if name == option:
+                return hint
+        return f"enable them with ImageInputPolicy({option}=True)"
+
+    def with_hints(self, hints: dict[str, str]) -> "ImageInputPolicy":
+        """A copy whose refusals say `hints[option]` (set by a front end: see `adapter_enable_hints`)."""
+        return dataclasses.replace(self, enable_hints=tuple(hints.items()))
+
     # The option names every front end exposes (the LangChain and LlamaIndex adapters' fields, the CLI's flags).
     SETTINGS = ("allow_remote_images", "allow_local_files", "allow_private_addresses", "local_file_roots",
                 "max_image_bytes", "max_image_pixels", "fetch_timeout_s", "max_request_image_pixels")
@@ -118,6 +135,13 @@ class ImageInputPolicy:
 
 
 _DEFAULT_POLICY = ImageInputPolicy()
+
+_SWITCHES = ("allow_local_files", "allow_remote_images", "allow_private_addresses")
+
+
+def adapter_enable_hints(class_name: str) -> dict[str, str]:
+    """Hints for a class whose fields carry the policy's option names (`ChatXGenMM`, `XGenMM`)."""
+    return {option: f"enable them with {class_name}({option}=True)" for option in _SWITCHES}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -393,8 +417,7 @@ def _load_local_file(path: str, policy: ImageInputPolicy, what: str, *, maybe_ba
     if not policy.allow_local_files:
         extra = " (if this was meant as base64 image data, it does not decode to a known image format)" if maybe_base64 else ""
         raise ImageSourceNotAllowedError(
-            f"{what}: local image files are not allowed; enable them with ImageInputPolicy(allow_local_files=True)"
-            f"{extra}"
+            f"{what}: local image files are not allowed; {policy.how_to_enable('allow_local_files')}{extra}"
         )
     if "\x00" in path:
         raise ImageError(f"{what}: an image path may not contain a NUL character")

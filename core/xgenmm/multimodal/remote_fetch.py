@@ -161,8 +161,8 @@ def _vet_url(url: str, policy: ImageInputPolicy, what: str, deadline: float) -> 
         for address in addresses:
             if not is_public_address(address):
                 raise ImageSourceNotAllowedError(
-                    f"{what}: host {host!r} resolves to the non-public address {address}; fetching from private, "
-                    "loopback or link-local addresses needs ImageInputPolicy(allow_private_addresses=True)"
+                    f"{what}: host {host!r} resolves to the non-public address {address}; private, loopback and "
+                    f"link-local addresses are not allowed; {policy.how_to_enable('allow_private_addresses')}"
                 )
     path = urllib.parse.quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~")
     if parts.query:
@@ -254,7 +254,7 @@ def fetch_remote_image(url: str, policy: ImageInputPolicy, what: str) -> tuple[b
     """GET ``url`` under the policy, following up to MAX_REDIRECTS re-vetted redirects: (body, Content-Type)."""
     if not policy.allow_remote_images:
         raise ImageSourceNotAllowedError(
-            f"{what}: remote image URLs are not allowed; enable them with ImageInputPolicy(allow_remote_images=True)"
+            f"{what}: remote image URLs are not allowed; {policy.how_to_enable('allow_remote_images')}"
         )
     deadline = time.monotonic() + policy.fetch_timeout_s
     current = url

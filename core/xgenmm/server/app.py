@@ -1,4 +1,4 @@
-"""The FastAPI app: `/v1/chat/completions`, `/v1/models`, `/health`, `/metrics`, OpenAI error objects everywhere.
+"""The FastAPI app: `/v1/chat/completions`, `/v1/responses`, `/v1/models`, `/health`, `/metrics`, OpenAI error objects everywhere.
 
 `build_app(config)` opens (or reuses, through the front door `xgenmm.client.open_engine`) the engine for `config.model` and
 serves it; pass `llm=` to serve an `AsyncLLM` you already have. Every request first passes the `RequestGuard`
@@ -28,6 +28,7 @@ from .errors import AUTHENTICATION, NOT_FOUND, OpenAIError, error_from_exception
 from .guard import RequestGuard
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import parse_json_body
+from .responses_api import ResponsesService
 
 logger = logging.getLogger("xgenmm.server")
 
@@ -78,6 +79,7 @@ def build_app(config: ServerConfig, llm: AsyncLLM | None = None) -> FastAPI:
                                                **config.engine_options))
     metrics = ServerMetrics(llm.handle.core, config.model_name)
     service = ChatCompletionService(llm, config, metrics)
+    responses = ResponsesService(llm, config, metrics)
     api_key = config.resolved_api_key()
 
     app = FastAPI(title="xgenmm OpenAI-compatible server", docs_url=None, redoc_url=None, openapi_url=None)
@@ -156,6 +158,13 @@ def build_app(config: ServerConfig, llm: AsyncLLM | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_api_key)])
     async def chat_completions(request: Request):
+        return await _serve(request, service.create)
+
+    @app.post("/v1/responses", dependencies=[Depends(require_api_key)])
+    async def create_response(request: Request):
+        return await _serve(request, responses.create_response)
+
+    async def _serve(request: Request, create):
         try:
             raw = await read_body_limited(request, config.max_request_bytes, config.body_chunk_timeout_s,
                                           config.body_timeout_s)
@@ -164,7 +173,7 @@ def build_app(config: ServerConfig, llm: AsyncLLM | None = None) -> FastAPI:
             return Response(status_code=499)
         try:
             body = parse_json_body(raw)
-            result = await service.create(body, request.is_disconnected)
+            result = await create(body, request.is_disconnected)
         except ClientDisconnected:
             return Response(status_code=499)  # nobody is listening; logged by the access log only
         finally:

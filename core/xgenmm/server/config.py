@@ -16,6 +16,16 @@ API_KEY_ENV = "XGENMM_API_KEY"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
+# What an HTTP client can do about a refused image: it can never make the server read the server's own files.
+SERVER_ENABLE_HINTS = {
+    "allow_local_files": "a server never reads files of its own machine: send the image inline as a data: URL "
+                         "(data:image/png;base64,...)",
+    "allow_remote_images": "send the image inline as a data: URL, or ask the operator to start the server with "
+                           "xgenmm serve --allow-remote-images",
+    "allow_private_addresses": "send the image inline as a data: URL (the server never fetches from private "
+                               "addresses)",
+}
+
 @dataclass
 class ServerConfig:
     model: str = DEFAULT_MODEL_ID
@@ -86,6 +96,7 @@ class ServerConfig:
 
     def image_policy(self) -> ImageInputPolicy:
         """Requests may carry data URLs; remote URLs only when enabled; never files of the server's machine."""
-        return ImageInputPolicy(allow_remote_images=self.allow_remote_images, allow_local_files=False,
-                                max_image_bytes=self.max_image_bytes, max_image_pixels=self.max_image_pixels,
-                                max_request_image_pixels=self.max_request_image_pixels)
+        policy = ImageInputPolicy(allow_remote_images=self.allow_remote_images, allow_local_files=False,
+                                  max_image_bytes=self.max_image_bytes, max_image_pixels=self.max_image_pixels,
+                                  max_request_image_pixels=self.max_request_image_pixels)
+        return policy.with_hints(SERVER_ENABLE_HINTS)

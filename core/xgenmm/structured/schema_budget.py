@@ -29,7 +29,8 @@ from typing import Any
 
 from ..errors import SchemaTooComplexError
 
-__all__ = ["BoundedSchema", "bound_json_schema", "BOUNDED_JSON_OPTIONS", "MAX_SCHEMA_NODES", "MAX_REF_DEPTH"]
+__all__ = ["BoundedSchema", "bound_json_schema", "BOUNDED_JSON_OPTIONS", "smallest_json_budget", "MAX_SCHEMA_NODES",
+           "MAX_REF_DEPTH"]
 
 MAX_SCHEMA_NODES = 20_000  # schema nodes visited per pass, `$ref`s followed (a large real schema has a few hundred)
 MAX_REF_DEPTH = 64  # `$ref`s followed inside each other
@@ -349,3 +350,10 @@ def _bound(schema: dict[str, Any], max_tokens: int, reserve_tokens: int, max_arr
             options.setdefault(key, value)
         out["x-guidance"] = options
     return BoundedSchema(out, allowance, sorted(set(bounder.unbounded)))
+
+
+def smallest_json_budget(schema: dict[str, Any]) -> int:
+    """The fewest tokens (bytes, worst case) the longest value of `bound_json_schema(schema, n)` can take at its
+    smallest allowance (3 bytes a leaf, one array item): below this no bound guarantees that the value fits."""
+    bounder = _Bounder(copy.deepcopy(dict(schema)), 1)
+    return int(bounder.cost(bounder.root).total(3))

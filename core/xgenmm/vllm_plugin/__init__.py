@@ -9,7 +9,7 @@
 * a tokenizer loader in vLLM's "hf" slot that adds the three VLM tokens (`<image>` = 32012, ...) for xGen-MM
   checkpoints, as the official model code does; other models keep vLLM's loader.
 
-Nothing here is imported by `xgenmm` itself: vLLM is an optional dependency (`pip install "xgenmm[vllm]"`).
+Nothing here is imported by `xgenmm` itself: vLLM is an optional dependency (the `vllm` extra: `pip install ".[vllm]"`, docs/vllm.md).
 """
 
 from __future__ import annotations
