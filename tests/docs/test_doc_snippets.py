@@ -64,7 +64,7 @@ def _unmet(needs: list[str]) -> str | None:
         if need == "gpu" and not torch.cuda.is_available():
             return "needs a CUDA GPU"
         if need == "vllm" and importlib.util.find_spec("vllm") is None:
-            return "needs vLLM (runs in .ci/vllm.sh's environment)"
+            return "needs vLLM (installed only in .ci/vllm.sh's .venv-vllm, which runs tests/vllm_backend)"
         if need not in ("network", "gpu", "vllm", "server"):
             raise AssertionError(f"unknown '# needs: {need}' marker")
     return None
