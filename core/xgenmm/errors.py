@@ -51,3 +51,7 @@ class RequestAbortedError(XGenMMError):
 
 class EngineDeadError(XGenMMError):
     """The engine loop stopped because of an unexpected internal error."""
+
+
+class QuantizationError(ConfigError):
+    """An unknown `quantization` method, or one this device / layer cannot run (the message names the allowed ones)."""

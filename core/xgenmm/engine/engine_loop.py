@@ -181,7 +181,7 @@ class EngineLoop:
                 logger.debug("engine close failed", exc_info=True)
 
 
-_engines: dict[tuple[str, str, str], EngineLoop] = {}
+_engines: dict[tuple[str, str, str, str | None], EngineLoop] = {}
 _engines_lock = threading.Lock()
 
 
@@ -197,7 +197,8 @@ def get_engine_loop(model: str, device: str | torch.device | None = None, dtype:
     with _engines_lock:  # also serialises first-time imports / config reads of concurrent first callers
         path = resolve_model_dir(model)
         resolved_dtype = parse_dtype(dtype, XGenMMConfig.from_pretrained(path), dev)
-        key = (str(path.resolve()), str(dev), str(resolved_dtype))
+        # a quantized model is another model: its engine is never shared with the full-precision one
+        key = (str(path.resolve()), str(dev), str(resolved_dtype), options.get("quantization"))
         loop = _engines.get(key)
         if loop is not None and loop.is_alive and not loop.is_stopped:
             if options:

@@ -59,7 +59,9 @@ class LLMEngine:
                  **options: Any):
         self.config = EngineConfig.from_options(**options)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = load_model(model, device=device, dtype=dtype, linear_kernel=self.config.linear_kernel)
+        self.model = load_model(model, device=device, dtype=dtype, linear_kernel=self.config.linear_kernel,
+                                quantization=self.config.quantization,
+                                quantized_cache_dir=self.config.quantized_cache_dir)
         self.device = device
         self.dtype = next(self.model.parameters()).dtype
         self.model_name = str(model)
