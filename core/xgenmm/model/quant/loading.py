@@ -103,6 +103,9 @@ def load_quantized_into(net: nn.Module, method: str, load_tensors: Callable[[set
     checkpoint's weights quantized the same way they are read from there, else they are quantized and saved there."""
     device = net.lm_head_bias.device
     check_quantization(method, device)
+    if method == "fp8" and device.type == "cpu":
+        logger.warning("quantization='fp8' on CPU runs torch._scaled_mm's CPU kernel, far slower than int8 (it is "
+                       "there to test the GPU path's logic); use quantization='int8' on CPU")
     cls = QUANTIZED_LINEARS[method]
     keys = set(keys)
     linears = language_model_linears(net)
