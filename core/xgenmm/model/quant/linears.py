@@ -1,8 +1,9 @@
 """Weight-only quantized linear layers: int8 and int4 (CPU, ATen's kernels) and fp8 (E4M3, `torch._scaled_mm`).
 
 Why these kernels: they are ATen's own (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`, `_scaled_mm`), kept by
-torch, and each computes an output row from that row alone, so a request's tokens never depend on what it is batched
-with (tests/model/test_quantization.py checks it bit for bit). ATen's int8 / int4 CPU kernels run fast only with bf16
+torch. The int8 and int4 ones compute an output row from that row alone, so a request's tokens never depend on what
+it is batched with (tests/model/test_quantization.py checks it bit for bit); `_scaled_mm` (fp8) does not promise it
+(on CPU at full widths its rows change with the batch: benchmarks/results/quantization_kernels.json). ATen's int8 / int4 CPU kernels run fast only with bf16
 activations (float32 ones took 5-15x longer than bf16 on the AVX2 machine the project tests on: benchmarks/
 quantization_cpu.py), so activations enter them in bf16 whatever the model dtype; they accumulate in float32 and
 the per-channel scale and the bias are applied in float32 before the result is cast back to the model dtype.
