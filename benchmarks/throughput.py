@@ -230,6 +230,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "throughput-cpu.json"))
     ap.add_argument("--engine-linear-kernel", default="auto", choices=["auto", "torch"],
                     help="the engine's linear layers: oneDNN on CPU (auto) or ATen like the baseline (torch)")
+    ap.add_argument("--quantization", default=None, choices=["int8", "int4", "fp8"],
+                    help="weight-only quantization of our engine's language model (docs/quantization.md)")
     ap.add_argument("--quick", action="store_true", help="tiny preset, 4 requests, 8 tokens (smoke test)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -252,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
 
     load_before = os.getloadavg()
-    engine = run_engine(model_dir, requests, args.max_tokens, {"linear_kernel": args.engine_linear_kernel,
+    engine = run_engine(model_dir, requests, args.max_tokens, {"linear_kernel": args.engine_linear_kernel, "quantization": args.quantization,
                                                                   "kv_cache_memory_bytes": int(args.kv_cache_gib * 2**30)}, dtype)
     baseline = run_baseline(model_dir, requests, args.max_tokens, batch_sizes, dtype)
     ours_ids, theirs_ids = engine.pop("token_ids"), baseline.pop("token_ids")

@@ -17,6 +17,7 @@ from .errors import (
     ModelNotFoundError,
     PromptError,
     PromptTooLongError,
+    QuantizationError,
     RequestAbortedError,
     SamplingParamsError,
     SchemaTooComplexError,

@@ -92,6 +92,10 @@ class SchemaTooComplexError(PromptError):
         return (type(self), (str(self), self.field))
 
 
+class QuantizationError(ConfigError):
+    """An unknown `quantization` method, or one this device / layer cannot run (the message names the allowed ones)."""
+
+
 __all__ = [
     "XGenMMError",
     "CheckpointError",
@@ -99,6 +103,7 @@ __all__ = [
     "ConfigError",
     "DeviceError",
     "DtypeError",
+    "QuantizationError",
     "ImageError",
     "ImageTooLargeError",
     "ImageSourceNotAllowedError",

@@ -42,3 +42,21 @@ def test_fast_state_windows_are_held_against_the_best_probe():
     assert summary["fast_windows_fraction_of_best_probe"] == round(6.2 * step / 64e9, 3)
     assert fc.fast_state_summary(windows[:1], 64e9, step) == {
         "fast_windows": 0, "fast_windows_median_tok_s": None, "fast_windows_fraction_of_best_probe": None}
+
+
+def test_perceiver_flops_charge_only_to_kv_against_the_media_rows(tiny_checkpoint):
+    """The perceiver's latents' layers run on 128 rows; only to_kv reads the 729 media tokens too."""
+    from torch import nn
+
+    from xgenmm.checkpoint import load_model
+
+    fc = _load()
+    perceiver = load_model(tiny_checkpoint, "cpu", "float32").vision.vision_tokenizer
+    n, lat = 729, 128
+    kv = sum(m.weight.numel() for name, m in perceiver.named_modules() if name.endswith("to_kv"))
+    rest = sum(m.weight.numel() for name, m in perceiver.named_modules()
+               if isinstance(m, nn.Linear) and not name.endswith("to_kv"))
+    assert kv and rest
+    assert fc.perceiver_linear_flops(perceiver, n, lat) == 2 * (n + lat) * kv + 2 * lat * rest
+    every_param_on_all_rows = 2 * (n + lat) * sum(p.numel() for p in perceiver.parameters())
+    assert fc.perceiver_linear_flops(perceiver, n, lat) < every_param_on_all_rows

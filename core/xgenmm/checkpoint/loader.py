@@ -12,10 +12,11 @@ import torch
 from ..errors import ConfigError
 from ..model.config import XGenMMConfig
 from ..model.cpu_linear import onednn_linear_available
+from ..model.quant import check_quantization, load_quantized_into
 from ..model.xgenmm import XGenMMForConditionalGeneration
 from ..placement import resolve_device, resolve_dtype
 from .hub import resolve_model_dir
-from .layout import check_checkpoint_layout, load_checkpoint_into
+from .layout import CheckpointLayout, check_checkpoint_layout, load_checkpoint_into
 
 logger = logging.getLogger("xgenmm.checkpoint")
 
@@ -26,6 +27,8 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     vision_attn_implementation: str = "sdpa",
     linear_kernel: str = "auto",
+    quantization: str | None = None,
+    quantized_cache_dir: str | os.PathLike | None = None,
 ):
     """Build `XGenMMForConditionalGeneration` from a checkpoint directory (or HF id) alone and load its weights.
 
@@ -33,7 +36,8 @@ def load_model(
     into it tensor by tensor (`load_checkpoint_into`), so a float32 checkpoint loaded in bf16 never holds a float32
     copy. `linear_kernel`: "auto" runs linear layers on oneDNN on CPU (float32 and bf16, plus our bf16 kernel for
     decode-sized batches; `model/cpu_linear.py`) and ATen elsewhere; "torch" always uses ATen's `F.linear` (what
-    upstream's transformers code runs)."""
+    upstream's transformers code runs). `quantization` (None, "int8", "int4", "fp8"): the language model's linears
+    and LM head quantized while loading, kept in `quantized_cache_dir` when given (`model/quant/`)."""
     if linear_kernel not in ("auto", "torch"):
         raise ConfigError(f"linear_kernel must be 'auto' or 'torch', got {linear_kernel!r}")
 
@@ -41,6 +45,7 @@ def load_model(
     config = XGenMMConfig.from_pretrained(checkpoint_dir)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, config, device)
+    check_quantization(quantization, device)  # a typed error before anything is allocated
     if dtype in (None, "auto"):
         logger.info("dtype auto on %s: %s%s", device.type, str(torch_dtype).removeprefix("torch."),
                     " (the CPU computes bf16 natively)" if device.type == "cpu" and torch_dtype == torch.bfloat16 else "")
@@ -49,7 +54,15 @@ def load_model(
     layout = check_checkpoint_layout(net, checkpoint_dir)  # before any allocation: config sizes vs shard headers
     net = net.to(torch_dtype).to_empty(device=device)  # the cast is free on meta: parameters exist once, in the target dtype
     net.reset_buffers()
-    load_checkpoint_into(net, checkpoint_dir, device, torch_dtype, layout)
+    if quantization is None:
+        load_checkpoint_into(net, checkpoint_dir, device, torch_dtype, layout)
+    else:
+        def load_tensors(keys: set[str]) -> None:
+            subset = CheckpointLayout(layout.files, {k: layout.expected[k] for k in keys}, layout.index)
+            load_checkpoint_into(net, checkpoint_dir, device, torch_dtype, subset)
+
+        load_quantized_into(net, quantization, load_tensors, layout.expected, source_files=set(layout.files.values()),
+                            cache_dir=quantized_cache_dir)
     net.eval().requires_grad_(False)
     if linear_kernel == "auto" and onednn_linear_available(device, torch_dtype):
         net.use_onednn_linears()

@@ -1,5 +1,9 @@
 """`xgenmm bench [--model ...] [benchmark options]`: run the repository's throughput benchmark
-(`benchmarks/throughput.py`). Options this command does not know are passed on to the benchmark unchanged."""
+(`benchmarks/throughput.py`). Options this command does not know are passed on to the benchmark unchanged.
+
+`xgenmm bench --fidelity --quantization int8 --model PATH`: how far the quantized model's next-token distributions are
+from the unquantized one's (greedy agreement, mean / max KL) on a fixed prompt set, text and images
+(`xgenmm.testing.quant_fidelity`; ships with the package, no checkout needed)."""
 
 from __future__ import annotations
 
@@ -20,6 +24,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", "-m", default=None, help="model id or folder (default: the benchmark's)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
+    p.add_argument("--quantization", default=None, help="int8 | int4 | fp8 (comma-separated with --fidelity)")
+    p.add_argument("--fidelity", action="store_true",
+                   help="measure the quantized model against the unquantized one instead of the throughput")
     p.add_argument("--script", default=None, help=f"benchmark script (default: the repo's {BENCHMARK_RELATIVE_PATH})")
     p.set_defaults(run=run, passthrough=True)
     return p
@@ -39,14 +46,33 @@ def find_benchmark(script: str | None = None) -> Path:
 
 def benchmark_argv(args: argparse.Namespace, extra: list[str]) -> list[str]:
     argv = []
-    for name in ("model", "device", "dtype"):
-        value = getattr(args, name)
+    for name in ("model", "device", "dtype", "quantization"):
+        value = getattr(args, name, None)
         if value is not None:
             argv += [f"--{name}", value]
     return argv + list(extra)
 
 
+def run_fidelity(args: argparse.Namespace, extra: list[str]) -> int:
+    from ..errors import XGenMMError
+    from ..testing.quant_fidelity import main as fidelity_main
+    from .common import default_model
+
+    argv = ["--model", args.model or default_model(), "--quantization", args.quantization or "int8"]
+    if args.dtype:
+        argv += ["--dtype", args.dtype]
+    if args.device:
+        argv += ["--device", args.device]
+    try:
+        fidelity_main(argv + list(extra))
+    except XGenMMError as exc:
+        raise CLIError(str(exc)) from None
+    return 0
+
+
 def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
+    if args.fidelity:
+        return run_fidelity(args, extra or [])
     path = find_benchmark(args.script)
     argv = benchmark_argv(args, extra or [])
     namespace = runpy.run_path(str(path), run_name="xgenmm_bench")  # defines main() without running it

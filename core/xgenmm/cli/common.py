@@ -11,6 +11,7 @@ from typing import Any
 
 from ..checkpoint.hub import DEFAULT_MODEL_ID
 from ..errors import ModelNotFoundError, XGenMMError
+from ..model.quant.loading import QUANTIZATION_METHODS
 from ..multimodal.image_sources import ImageInputPolicy
 
 MODEL_ENV = "XGENMM_MODEL"
@@ -62,6 +63,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--attention-backend", choices=("torch", "cpu_paged", "flex", "triton"), default=None,
                        help="default: the fastest available")
     group.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    group.add_argument("--quantization", choices=QUANTIZATION_METHODS, default=None,
+                       help="weight-only quantization of the language model at load time (default: none; int8 / int4 "
+                            "on CPU, fp8 on Hopper-class GPUs; docs/quantization.md)")
+    group.add_argument("--quantized-cache-dir", default=None, metavar="DIR",
+                       help="keep the quantized weights here so the next start reads them instead of quantizing")
     group.add_argument("--allow-control-tokens-in-content", action="store_true",
                        help="parse role / control tokens written inside chat message content as control tokens, as "
                             "upstream's tokenization does (default: they are plain text, so no one can forge a turn)")
@@ -70,7 +76,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization",
-                 "attention_backend"):
+                 "attention_backend", "quantization", "quantized_cache_dir"):
         value = getattr(args, name, None)
         if value is not None:
             options[name] = value

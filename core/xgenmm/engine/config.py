@@ -34,6 +34,10 @@ class EngineConfig:
     seed: int = 0  # process generator for unseeded sampling
     max_images_per_prompt: int = 32
     linear_kernel: str = "auto"  # "auto": oneDNN linears for float32 on CPU (model/cpu_linear.py); "torch": ATen
+    # weight-only quantization of the language model at load time: None | "int8" | "int4" | "fp8" (model/quant/);
+    # quantized_cache_dir keeps the quantized weights so the next start reads them instead of quantizing again
+    quantization: str | None = None
+    quantized_cache_dir: str | None = None
     enforce_eager: bool = False  # CUDA: never capture / replay decode CUDA graphs (debugging, profiling)
     prefetch_images: bool | None = None  # encode waiting requests' images ahead on a side stream (None: on CUDA)
     prefetch_image_patches: int = 64  # at most this many image patches encoding ahead at once

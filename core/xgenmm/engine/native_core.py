@@ -57,7 +57,9 @@ class NativeEngineCore:
     def __init__(self, model_dir: str, placement: Placement, *, tokenizer=None, **options: Any):
         self.config = EngineConfig.from_options(**options)
         device = placement.device
-        self.model = load_model(model_dir, device=device, dtype=placement.dtype, linear_kernel=self.config.linear_kernel)
+        self.model = load_model(model_dir, device=device, dtype=placement.dtype, linear_kernel=self.config.linear_kernel,
+                                quantization=self.config.quantization,
+                                quantized_cache_dir=self.config.quantized_cache_dir)
         self.device = device
         self.dtype = next(self.model.parameters()).dtype
         self.model_name = str(model_dir)

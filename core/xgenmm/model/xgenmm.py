@@ -31,13 +31,14 @@ class XGenMMForConditionalGeneration(nn.Module):
         self.lm_head_weight = nn.Parameter(torch.empty(vocab, text.hidden_size))
         self.lm_head_bias = nn.Parameter(torch.empty(vocab))
         self.linear_kernel = "torch"  # "onednn" / "onednn+xgenmm_bf16" once `use_onednn_linears` switched the model (CPU)
+        self.lm_head_quantized: nn.Module | None = None  # set (and lm_head_weight freed) by model/quant/
 
     def use_onednn_linears(self) -> int:
         """CPU linears (see `cpu_linear.py`): oneDNN for every layer, except that in bf16 the language model and its
         head run our batch-invariant kernel where it is built. Returns the layers switched."""
         count = use_onednn_linears(self)
         weight = self.lm_head_weight
-        if bf16_kernel_available(weight.device, weight.dtype):
+        if weight is not None and bf16_kernel_available(weight.device, weight.dtype):
             from ..cpu_kernels import to_hugepages
 
             use_packed_bf16_linears(self.language_model)  # packed into 2 MiB pages
@@ -76,6 +77,8 @@ class XGenMMForConditionalGeneration(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, 32015] float32 logits (decoupled head, with its bias)."""
+        if self.lm_head_quantized is not None:
+            return self.lm_head_quantized(hidden).float()
         if self.linear_kernel == "onednn+xgenmm_bf16":
             return bf16_kernel_linear(hidden, self.lm_head_weight, self.lm_head_bias).float()
         if self.linear_kernel == "onednn":

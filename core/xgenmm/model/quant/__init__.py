@@ -1,0 +1,27 @@
+"""Weight-only quantization applied at load time from the official bf16 / float32 checkpoint (engine option
+`quantization=`): every language-model linear layer and the LM head; the vision tower and the perceiver keep the model
+dtype (they run large prefill-like batches, compute-bound, where the weight bytes saved do not pay).
+
+    int8  CPU: per-output-channel symmetric int8, ATen's `_weight_int8pack_mm`
+    int4  CPU: round-to-nearest, asymmetric groups of 128 inputs, ATen's `_weight_int4pack_mm_for_cpu`
+    fp8   E4M3 weights (per-channel scales) and per-token E4M3 activations, `torch._scaled_mm` (Hopper-class GPUs;
+          also runs on CPU through oneDNN, which is how its logic is tested here)
+
+`quantized_cache_dir=` keeps the quantized weights (safetensors + a json saying what they are), so the next start
+reads them instead of quantizing again. See docs/quantization.md.
+"""
+
+from .linears import QUANTIZED_LINEARS, Fp8Linear, Int4WeightOnlyLinear, Int8WeightOnlyLinear, QuantizedLinear
+from .loading import QUANTIZATION_METHODS, check_quantization, load_quantized_into, quantize_language_model
+
+__all__ = [
+    "QUANTIZATION_METHODS",
+    "QUANTIZED_LINEARS",
+    "Fp8Linear",
+    "Int4WeightOnlyLinear",
+    "Int8WeightOnlyLinear",
+    "QuantizedLinear",
+    "check_quantization",
+    "load_quantized_into",
+    "quantize_language_model",
+]

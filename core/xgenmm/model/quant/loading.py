@@ -1,0 +1,135 @@
+"""Quantize the language model while its checkpoint is read, one decoder layer at a time.
+
+The model is materialised with `to_empty` (pages are committed only when written), the non-quantized tensors are
+read first, then each decoder layer's linear weights are read and replaced by their quantized form before the next
+layer is read, so the full-precision weights never all exist at once: peak memory is the quantized model plus one
+layer (`benchmarks/quantization_cpu.py` measures it). The checkpoint reader is passed in (`load_tensors`), so this
+module knows nothing of the file format.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ...errors import QuantizationError
+from .cache import QuantizedWeightsCache
+from .linears import QUANTIZED_LINEARS, QuantizedLinear
+
+logger = logging.getLogger("xgenmm.quant")
+
+QUANTIZATION_METHODS = ("int8", "int4", "fp8")
+CPU_METHODS = ("int8", "int4", "fp8")
+CUDA_METHODS = ("fp8",)
+LANGUAGE_MODEL_PREFIX = "vlm.lang_model."  # the official checkpoint's key prefix of the Phi-3 part
+HEAD_KEYS = (LANGUAGE_MODEL_PREFIX + "lm_head.weight", LANGUAGE_MODEL_PREFIX + "lm_head.additional_fc.weight")
+HEAD_NAME = "lm_head_quantized"
+
+
+def check_quantization(method: str | None, device: torch.device | str | None = None) -> str | None:
+    """The method, validated: None, or one of QUANTIZATION_METHODS that `device` runs; else `QuantizationError`
+    naming the allowed values."""
+    if method is None:
+        return None
+    if not isinstance(method, str) or method not in QUANTIZATION_METHODS:
+        raise QuantizationError(f"quantization must be None or one of {', '.join(map(repr, QUANTIZATION_METHODS))}; "
+                                f"got {method!r}")
+    if device is not None:
+        device = torch.device(device)
+        if device.type == "cuda":
+            if method not in CUDA_METHODS:
+                raise QuantizationError(f"quantization={method!r} runs on CPU only; on CUDA use quantization='fp8' "
+                                        "(Hopper-class GPUs) or None")
+            if torch.cuda.get_device_capability(device) < (8, 9):
+                raise QuantizationError("quantization='fp8' needs a GPU with fp8 tensor cores (compute capability "
+                                        ">= 8.9: Ada, Hopper); use quantization=None on this GPU")
+        elif device.type != "cpu":
+            raise QuantizationError(f"quantization runs on cpu or cuda, not {device.type}")
+    return method
+
+
+def language_model_linears(net: nn.Module) -> dict[str, str]:
+    """Every linear layer of the language model: its module name in `net` -> its weight's checkpoint key."""
+    return {f"language_model.{name}": f"{LANGUAGE_MODEL_PREFIX}model.{name}.weight"
+            for name, sub in net.language_model.named_modules() if isinstance(sub, nn.Linear)}
+
+
+def _replace(net: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(net.get_submodule(parent_name) if parent_name else net, attr, module)
+
+
+def _by_layer(names: Iterable[str]) -> list[list[str]]:
+    """Module names grouped by decoder layer (`language_model.layers.<i>.`), in layer order."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        parts = name.split(".")
+        groups.setdefault(".".join(parts[:3]) if parts[1] == "layers" else name, []).append(name)
+    return list(groups.values())
+
+
+def quantize_language_model(net: nn.Module, method: str, group_size: int = 128) -> int:
+    """Quantize an already loaded model in place (every language-model linear and the LM head); returns how many
+    layers were replaced. Load-time quantization (`load_quantized_into`) does the same while reading."""
+    check_quantization(method, net.lm_head_bias.device)
+    cls = QUANTIZED_LINEARS[method]
+    names = list(language_model_linears(net))
+    for name in names:
+        sub = net.get_submodule(name)
+        _replace(net, name, cls.from_weight(sub.weight, sub.bias, group_size=group_size))
+    _quantize_head(net, cls, group_size)
+    return len(names) + 1
+
+
+def _quantize_head(net: nn.Module, cls: type[QuantizedLinear], group_size: int) -> None:
+    """The folded [32015, hidden] head (official rows + the 3 `additional_fc` rows, one scale per row) with its bias;
+    the full-precision head is freed."""
+    setattr(net, HEAD_NAME, cls.from_weight(net.lm_head_weight, net.lm_head_bias, group_size=group_size))
+    net.lm_head_weight = None
+
+
+def load_quantized_into(net: nn.Module, method: str, load_tensors: Callable[[set[str]], None], keys: Iterable[str],
+                        source_files: Iterable[Path] = (), cache_dir: str | Path | None = None,
+                        group_size: int = 128) -> None:
+    """Fill `net` (materialised, not yet loaded) from its checkpoint with the language model quantized.
+
+    `load_tensors(keys)` reads those checkpoint tensors into `net`; `keys` are all the checkpoint's keys;
+    `source_files` (the shards) identify the checkpoint for the cache in `cache_dir`: when it holds this
+    checkpoint's weights quantized the same way they are read from there, else they are quantized and saved there."""
+    device = net.lm_head_bias.device
+    check_quantization(method, device)
+    if method == "fp8" and device.type == "cpu":
+        logger.warning("quantization='fp8' on CPU runs torch._scaled_mm's CPU kernel, far slower than int8 (it is "
+                       "there to test the GPU path's logic); use quantization='int8' on CPU")
+    cls = QUANTIZED_LINEARS[method]
+    keys = set(keys)
+    linears = language_model_linears(net)
+    started = time.perf_counter()
+    cache = None
+    if cache_dir is not None:
+        cache = QuantizedWeightsCache.for_checkpoint(cache_dir, method, next(net.vision.parameters()).dtype,
+                                                     group_size, source_files)
+        if cache.is_complete():
+            load_tensors(keys - set(linears.values()) - set(HEAD_KEYS))
+            for name, module in cache.read(cls, device).items():
+                _replace(net, name, module)
+            net.lm_head_weight = None
+            logger.info("quantized weights (%s) read from %s in %.1f s", method, cache.path,
+                        time.perf_counter() - started)
+            return
+    load_tensors(keys - set(linears.values()))  # everything but the decoder's linears (the head included)
+    _quantize_head(net, cls, group_size)
+    for group in _by_layer(linears):
+        load_tensors({linears[name] for name in group})
+        for name in group:
+            sub = net.get_submodule(name)
+            _replace(net, name, cls.from_weight(sub.weight, sub.bias, group_size=group_size))
+    logger.info("language model quantized to %s while loading in %.1f s", method, time.perf_counter() - started)
+    if cache is not None:
+        cache.write({name: net.get_submodule(name) for name in [*linears, HEAD_NAME]})
+        logger.info("quantized weights saved to %s", cache.path)
