@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from ..async_llm import AsyncLLM
 from ..chat.reply import ChoiceStream, chat_choice, usage_of
@@ -45,22 +46,33 @@ class ChatCompletionService:
 
     # ---- entry point ---------------------------------------------------------------------------------------------
     async def create(self, body: dict, is_disconnected: Callable[[], Awaitable[bool]]) -> dict | AsyncIterator[str]:
-        # Validation bounds schemas (linear in their size, capped): still CPU work, so off the event loop.
+        req, gen, first = await self._admit(
+            parse_chat_request, body, is_disconnected, images_param="messages", request_id_prefix="chatcmpl",
+            max_tokens_default=self.config.max_tokens_default, max_n=self.config.max_n,
+            max_tokens_ceiling=self.config.max_tokens_ceiling)
+        if not req.stream:
+            return self._final_response(req, first)
+        return self._stream(req, gen, first)
+
+    # ---- validation ----------------------------------------------------------------------------------------------
+    async def _admit(self, parse: Callable[..., Any], body: dict, is_disconnected: Callable[[], Awaitable[bool]], *,
+                     images_param: str, request_id_prefix: str, **limits: Any) -> tuple[Any, Any, RequestOutput]:
+        """What every route does before it answers: validate the body off the event loop (`parse(body, **limits)`
+        bounds schemas: CPU work, under the boundary rule), check the model and the image count, submit through
+        `AsyncLLM.chat` and wait for the first output, so a request's own errors are still 4xx. Returns the parsed
+        request, the output generator and its first output."""
         try:
-            req = await run_input_work(parse_chat_request, body, max_tokens_default=self.config.max_tokens_default,
-                                       max_n=self.config.max_n, max_tokens_ceiling=self.config.max_tokens_ceiling,
-                                       images=False, passthrough=(OpenAIError,))
+            req = await run_input_work(parse, body, images=False, passthrough=(OpenAIError,), **limits)
         except XGenMMError as exc:
             raise self._request_error(exc) from None
         self._check_model(req)
         if req.num_images > self.config.max_images_per_request:
             limit = self.config.max_images_per_request
             raise OpenAIError(f"the request has {req.num_images} images; this server accepts at most {limit} per "
-                              "request (xgenmm serve --max-images-per-request)", 400, param="messages",
+                              "request (xgenmm serve --max-images-per-request)", 400, param=images_param,
                               code="too_many_images")
-        request_id = new_request_id("chatcmpl")
         chat = dataclasses.replace(req.chat, image_policy=self.image_policy)
-        gen = self.llm.chat(chat, request_id=request_id)
+        gen = self.llm.chat(chat, request_id=new_request_id(request_id_prefix))
         try:
             first = await self._next_or_disconnect(gen, is_disconnected)
         except StopAsyncIteration:  # pragma: no cover - the engine always emits a final output
@@ -71,11 +83,8 @@ class ChatCompletionService:
         except Exception as exc:
             await gen.aclose()
             raise self._request_error(exc) from exc
-        if not req.stream:
-            return self._final_response(req, first)
-        return self._stream(req, gen, first)
+        return req, gen, first
 
-    # ---- validation ----------------------------------------------------------------------------------------------
     def _check_model(self, req: ChatCompletionRequest) -> None:
         if req.model not in self._accepted_models:
             raise OpenAIError(f"the model {req.model!r} does not exist on this server; it serves "

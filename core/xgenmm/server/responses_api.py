@@ -14,7 +14,6 @@ and `background` are refused (send the whole conversation in `input`, as with ch
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import time
 import uuid
@@ -24,9 +23,7 @@ from typing import Any
 
 from ..chat.reply import ChoiceStream, chat_choice, usage_of
 from ..chat.request import ChatRequest, build_chat_request, response_format_from_openai
-from ..client.request_ids import new_request_id
-from ..errors import PromptError, SamplingParamsError, XGenMMError
-from ..input_work import run_input_work
+from ..errors import PromptError, SamplingParamsError
 from ..outputs import RequestOutput
 from ..sampling_params import RequestOutputKind
 from ..tool_calls import TOOL_CALL_OPEN
@@ -322,30 +319,9 @@ class ResponsesService(ChatCompletionService):
 
     async def create_response(self, body: dict,
                               is_disconnected: Callable[[], Awaitable[bool]]) -> dict | AsyncIterator[str]:
-        # Validation bounds schemas (linear in their size, capped): CPU work, so off the event loop, as for chat.
-        try:
-            req = await run_input_work(parse_responses_request, body,
-                                       max_tokens_default=self.config.max_tokens_default,
-                                       max_tokens_ceiling=self.config.max_tokens_ceiling,
-                                       images=False, passthrough=(OpenAIError,))
-        except XGenMMError as exc:
-            raise self._request_error(exc) from None
-        self._check_model(req)
-        if req.num_images > self.config.max_images_per_request:
-            limit = self.config.max_images_per_request
-            raise OpenAIError(f"the request has {req.num_images} images; this server accepts at most {limit} per "
-                              "request (xgenmm serve --max-images-per-request)", 400, param="input",
-                              code="too_many_images")
-        chat = dataclasses.replace(req.chat, image_policy=self.image_policy)
-        gen = self.llm.chat(chat, request_id=new_request_id("resp"))
-        try:
-            first = await self._next_or_disconnect(gen, is_disconnected)
-        except ClientDisconnected:
-            self.metrics.requests.labels("disconnected").inc()
-            raise
-        except Exception as exc:
-            await gen.aclose()
-            raise self._request_error(exc) from exc
+        req, gen, first = await self._admit(
+            parse_responses_request, body, is_disconnected, images_param="input", request_id_prefix="resp",
+            max_tokens_default=self.config.max_tokens_default, max_tokens_ceiling=self.config.max_tokens_ceiling)
         envelope = _Envelope(_id("resp"), int(time.time()), req.model, req.echo)
         if not req.stream:
             return self._final(req, envelope, first)
