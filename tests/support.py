@@ -71,3 +71,23 @@ def decoder_runs(model, modes, dtype, lengths=(11, 5), block_size=16):
             decoder.fused_ops = "auto"
         results[mode] = (hidden, caches)
     return results
+
+
+def mixed_engine_requests(n: int, images: list) -> list:
+    """Engine-invariant test prompts: a shared system prefix (prefix-cache hits), images of several aspect ratios,
+    every fourth request text-only."""
+    system = "<|system|>\nYou look at pictures and answer briefly.<|end|>\n"
+    out = []
+    for i in range(n):
+        if i % 4 == 3:
+            out.append(f"{system}<|user|>\nTell me a story number {i}.<|end|>\n<|assistant|>\n")
+        else:
+            out.append({"prompt": f"{system}<|user|>\n<image>\nWhat is in picture {i}?<|end|>\n<|assistant|>\n",
+                        "multi_modal_data": {"image": images[i % len(images)]}})
+    return out
+
+
+def tokens_and_logprobs(out) -> tuple:
+    """Tokens and the float32 logprob of every token: bit-identical only if every row was computed the same way."""
+    c = out.outputs[0]
+    return tuple(c.token_ids), tuple(c.logprobs[i][t].logprob for i, t in enumerate(c.token_ids))

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.support import mixed_engine_requests, tokens_and_logprobs
 from xgenmm import LLM, SamplingParams, cpu_kernels
 from xgenmm.checkpoint import load_model
 from xgenmm.cpu_features import cpu_computes_bf16
@@ -29,30 +30,12 @@ def test_auto_dtype_on_cpu_is_bf16_exactly_where_the_cpu_computes_it(tiny_checkp
     assert cpu_computes_bf16() == bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-def _requests(n: int, images: list[Image.Image]) -> list:
-    system = "<|system|>\nYou look at pictures and answer briefly.<|end|>\n"
-    out = []
-    for i in range(n):
-        if i % 4 == 3:
-            out.append(f"{system}<|user|>\nTell me a story number {i}.<|end|>\n<|assistant|>\n")
-        else:
-            out.append({"prompt": f"{system}<|user|>\n<image>\nWhat is in picture {i}?<|end|>\n<|assistant|>\n",
-                        "multi_modal_data": {"image": images[i % len(images)]}})
-    return out
-
-
-def _result(out) -> tuple:
-    """Tokens and the float32 logprob of every token: bit-identical only if every row was computed the same way."""
-    c = out.outputs[0]
-    return tuple(c.token_ids), tuple(c.logprobs[i][t].logprob for i, t in enumerate(c.token_ids))
-
-
 @native_bf16
 def test_bf16_engine_identical_alone_batched_preempted_and_cached(tiny_checkpoint, fixture_dir):
     """Greedy tokens and their logprobs, bit for bit (with oneDNN's bf16 GEMM for the language model, or the
     gathering reference attention, the logprobs already differ between alone and batched)."""
     images = [Image.open(p) for p in sorted((fixture_dir / "images").glob("*.png"))]
-    prompts = _requests(12, images)
+    prompts = mixed_engine_requests(12, images)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=1)
     handle = open_engine("native", str(tiny_checkpoint), "cpu", "bfloat16", shared=False)
     try:
@@ -60,11 +43,11 @@ def test_bf16_engine_identical_alone_batched_preempted_and_cached(tiny_checkpoin
         assert engine.dtype == torch.bfloat16 and engine.runner.kv_caches[0][0].dtype == torch.bfloat16
         assert engine.runner.backend.name == "cpu_paged" and engine.model.linear_kernel == "onednn+xgenmm_bf16"
         llm = LLM.from_handle(handle)
-        alone = [_result(llm.generate(p, params)[0]) for p in prompts[:5]]
-        batched = [_result(o) for o in llm.generate(prompts, params)]
+        alone = [tokens_and_logprobs(llm.generate(p, params)[0]) for p in prompts[:5]]
+        batched = [tokens_and_logprobs(o) for o in llm.generate(prompts, params)]
         assert batched[:5] == alone
         cached = llm.generate(prompts, params)
-        assert [_result(o) for o in cached] == batched
+        assert [tokens_and_logprobs(o) for o in cached] == batched
         assert all(o.num_cached_tokens > 0 for o in cached)
     finally:
         handle.shutdown()
@@ -73,7 +56,7 @@ def test_bf16_engine_identical_alone_batched_preempted_and_cached(tiny_checkpoin
     try:
         preempted = LLM.from_handle(small).generate(prompts, params)
         assert small.stats().num_preemptions > 0
-        assert [_result(o) for o in preempted] == batched
+        assert [tokens_and_logprobs(o) for o in preempted] == batched
     finally:
         small.shutdown()
 

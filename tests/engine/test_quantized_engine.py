@@ -8,35 +8,17 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.support import mixed_engine_requests, tokens_and_logprobs
 from xgenmm import LLM, SamplingParams
 from xgenmm.client import open_engine
 from xgenmm.errors import QuantizationError
 from xgenmm.model.quant import Int4WeightOnlyLinear, Int8WeightOnlyLinear
 
 
-def _requests(n: int, images: list[Image.Image]) -> list:
-    """A shared system prefix, images of several aspect ratios, some text-only (as tests/engine/test_engine.py)."""
-    system = "<|system|>\nYou look at pictures and answer briefly.<|end|>\n"
-    out = []
-    for i in range(n):
-        if i % 4 == 3:
-            out.append(f"{system}<|user|>\nTell me a story number {i}.<|end|>\n<|assistant|>\n")
-        else:
-            out.append({"prompt": f"{system}<|user|>\n<image>\nWhat is in picture {i}?<|end|>\n<|assistant|>\n",
-                        "multi_modal_data": {"image": images[i % len(images)]}})
-    return out
-
-
-def _result(out) -> tuple:
-    """Tokens and the float32 logprob of every token: identical only if every row was computed the same way."""
-    c = out.outputs[0]
-    return tuple(c.token_ids), tuple(c.logprobs[i][t].logprob for i, t in enumerate(c.token_ids))
-
-
 @pytest.mark.parametrize("method,dtype", [("int8", "float32"), ("int8", "bfloat16"), ("int4", "float32")])
 def test_quantized_engine_identical_alone_batched_cached_and_preempted(tiny_checkpoint, fixture_dir, method, dtype):
     images = [Image.open(p) for p in sorted((fixture_dir / "images").glob("*.png"))]
-    prompts = _requests(8, images)
+    prompts = mixed_engine_requests(8, images)
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=1)
     loop = open_engine("native", str(tiny_checkpoint), "cpu", dtype, shared=False, quantization=method)
     try:
@@ -46,12 +28,12 @@ def test_quantized_engine_identical_alone_batched_cached_and_preempted(tiny_chec
         assert isinstance(model.lm_head_quantized, layer) and loop.core.dtype == getattr(torch, dtype)
         exact = loop.core.runner.backend.name == "cpu_paged"  # our in-place attention kernel: row-exact too
         llm = LLM.from_handle(loop)
-        alone = [_result(llm.generate(p, params)[0]) for p in prompts[:4]]
-        batched = [_result(o) for o in llm.generate(prompts, params)]
+        alone = [tokens_and_logprobs(llm.generate(p, params)[0]) for p in prompts[:4]]
+        batched = [tokens_and_logprobs(o) for o in llm.generate(prompts, params)]
         _same(batched[:4], alone, exact, dtype)
         cached = llm.generate(prompts, params)  # the same prompts again: prefix-cache hits
         assert all(o.num_cached_tokens > 0 for o in cached)
-        _same([_result(o) for o in cached], batched, exact, dtype)
+        _same([tokens_and_logprobs(o) for o in cached], batched, exact, dtype)
     finally:
         loop.shutdown()
     # A KV pool far smaller than 8 x ~500 tokens forces preemption by recompute; a small token budget forces chunked
@@ -63,7 +45,7 @@ def test_quantized_engine_identical_alone_batched_cached_and_preempted(tiny_chec
     try:
         preempted = LLM.from_handle(small).generate(prompts, params)
         assert small.stats().num_preemptions > 0
-        _same([_result(o) for o in preempted], batched, False, dtype)
+        _same([tokens_and_logprobs(o) for o in preempted], batched, False, dtype)
     finally:
         small.shutdown()
 
