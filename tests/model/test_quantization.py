@@ -20,10 +20,12 @@ from xgenmm.model.quant import (
     QUANTIZATION_METHODS,
     QUANTIZED_LINEARS,
     Int4WeightOnlyLinear,
+    Int8StoredLinear,
     check_quantization,
     quantize_language_model,
 )
 from xgenmm.model.quant.cache import INFO_FILE
+from xgenmm.model.quant.loading import vision_linears
 from xgenmm.special_tokens import IMAGE_TOKEN_ID
 from xgenmm.testing.fidelity import Sample, ours_logits
 
@@ -154,8 +156,11 @@ def test_quantized_model_logits_stay_close_to_the_unquantized_model(tiny_checkpo
     lm_linears = [m for m in quant.language_model.modules() if isinstance(m, nn.Linear)]
     assert lm_linears == []  # every language-model linear is quantized...
     assert quant.lm_head_weight is None and quant.lm_head_quantized.out_features == quant.vocab_size
-    vision_linears = [m for m in quant.vision.modules() if isinstance(m, nn.Linear)]
-    assert vision_linears and all(m.weight.dtype == getattr(torch, dtype) for m in vision_linears)  # ...not vision
+    vision_linears = [m for m in quant.vision.modules() if isinstance(m, nn.Linear | Int8StoredLinear)]
+    if method in ("int8", "int4"):  # ...the vision tower and perceiver keep int8 weights at rest, computed in dtype
+        assert vision_linears and all(isinstance(m, Int8StoredLinear) for m in vision_linears)
+    else:  # fp8 (the GPU's) leaves them in the model dtype
+        assert vision_linears and all(m.weight.dtype == getattr(torch, dtype) for m in vision_linears)
     samples, wanted = unquantized[dtype]
     for sample, want in zip(samples, wanted):
         got = ours_logits(quant, sample)
@@ -180,7 +185,9 @@ def test_decoupled_head_keeps_its_extra_rows_and_bias(tiny_checkpoint, method):
 
 def test_quantizing_a_loaded_model_equals_quantizing_while_loading(tiny_checkpoint):
     loaded = load_model(tiny_checkpoint, "cpu", "float32")
-    assert quantize_language_model(loaded, "int8") == 2 * 4 + 1  # 4 linears per layer, 2 layers, the head
+    vision = vision_linears(loaded)
+    assert vision  # the tiny vision tower and perceiver have linears, kept int8 at rest too
+    assert quantize_language_model(loaded, "int8") == 2 * 4 + 1 + len(vision)  # 4 per layer, 2 layers, the head
     streamed = load_model(tiny_checkpoint, "cpu", "float32", quantization="int8")
     for (name, a), (_, b) in zip(loaded.state_dict().items(), streamed.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
@@ -191,8 +198,10 @@ def test_quantized_weights_cache_round_trip(tiny_checkpoint, tmp_path, method, c
     first = load_model(tiny_checkpoint, "cpu", "float32", quantization=method, quantized_cache_dir=tmp_path)
     (folder,) = [p for p in tmp_path.iterdir()]
     info = json.loads((folder / INFO_FILE).read_text())
-    assert info["origin"]["method"] == method and info["origin"]["format_version"] == 1
-    assert "lm_head_quantized" in info["layers"]
+    assert info["origin"]["method"] == method and info["origin"]["format_version"] == 2
+    assert info["layers"]["lm_head_quantized"]["method"] == method
+    stored = {name for name, spec in info["layers"].items() if spec["method"] == "int8-stored"}
+    assert stored == (set(vision_linears(first)) if method in ("int8", "int4") else set())
     with caplog.at_level("INFO", logger="xgenmm.quant"):
         second = load_model(tiny_checkpoint, "cpu", "float32", quantization=method, quantized_cache_dir=tmp_path)
     assert any("read from" in r.getMessage() for r in caplog.records)  # the second start skipped quantizing

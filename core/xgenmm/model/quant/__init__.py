@@ -1,6 +1,7 @@
 """Weight-only quantization applied at load time from the official bf16 / float32 checkpoint (engine option
-`quantization=`): every language-model linear layer and the LM head; the vision tower and the perceiver keep the model
-dtype (they run large prefill-like batches, compute-bound, where the weight bytes saved do not pay).
+`quantization=`): every language-model linear layer and the LM head. With int8 / int4 the vision tower's and the perceiver's linears keep
+int8 weights at rest (`Int8StoredLinear`) but compute in the model dtype as before: their batches are hundreds of rows,
+compute-bound, where a weight-only kernel would not pay, so only their memory is halved.
 
     int8  CPU: per-output-channel symmetric int8, ATen's `_weight_int8pack_mm`
     int4  CPU: round-to-nearest, asymmetric groups of 128 inputs, ATen's `_weight_int4pack_mm_for_cpu`
@@ -11,7 +12,14 @@ dtype (they run large prefill-like batches, compute-bound, where the weight byte
 reads them instead of quantizing again. See docs/quantization.md.
 """
 
-from .linears import QUANTIZED_LINEARS, Fp8Linear, Int4WeightOnlyLinear, Int8WeightOnlyLinear, QuantizedLinear
+from .linears import (
+    QUANTIZED_LINEARS,
+    Fp8Linear,
+    Int4WeightOnlyLinear,
+    Int8StoredLinear,
+    Int8WeightOnlyLinear,
+    QuantizedLinear,
+)
 from .loading import QUANTIZATION_METHODS, check_quantization, load_quantized_into, quantize_language_model
 
 __all__ = [
@@ -19,6 +27,7 @@ __all__ = [
     "QUANTIZED_LINEARS",
     "Fp8Linear",
     "Int4WeightOnlyLinear",
+    "Int8StoredLinear",
     "Int8WeightOnlyLinear",
     "QuantizedLinear",
     "check_quantization",

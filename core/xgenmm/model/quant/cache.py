@@ -23,9 +23,9 @@ import torch
 from safetensors.torch import save_file
 
 from ...errors import CheckpointError
-from .linears import QuantizedLinear
+from .linears import QUANTIZED_LINEARS, STORED_LINEARS, QuantizedLinear
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each layer records its class (`method`); the vision tower's int8-at-rest layers are kept too
 WEIGHTS_FILE = "weights.safetensors"
 INFO_FILE = "quantization.json"
 _DTYPES = {"I8": torch.int8, "U8": torch.uint8, "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
@@ -69,7 +69,7 @@ class QuantizedWeightsCache:
             tensors = {f"{name}.{key}": t.detach().cpu().contiguous()
                        for name, module in modules.items() for key, t in module.state_dict().items()}
             save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "xgenmm-quantized"})
-            layers = {name: {"in_features": m.in_features, "out_features": m.out_features,
+            layers = {name: {"method": m.method, "in_features": m.in_features, "out_features": m.out_features,
                              "bias_dtype": None if m.bias is None else str(m.bias.dtype).removeprefix("torch."),
                              **m.params()} for name, m in modules.items()}
             (tmp / INFO_FILE).write_text(json.dumps({"origin": self.origin, "layers": layers}, indent=1))
@@ -80,8 +80,10 @@ class QuantizedWeightsCache:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
-    def read(self, cls: type[QuantizedLinear], device: torch.device) -> dict[str, QuantizedLinear]:
-        """The saved layers, built empty from the json and filled from the safetensors file."""
+    def read(self, device: torch.device) -> dict[str, QuantizedLinear]:
+        """The saved layers, each built empty as its recorded class from the json and filled from the safetensors
+        file."""
+        classes = {**QUANTIZED_LINEARS, **STORED_LINEARS}
         layers = json.loads((self.path / INFO_FILE).read_text())["layers"]
         path = self.path / WEIGHTS_FILE
         modules = {}
@@ -89,7 +91,12 @@ class QuantizedWeightsCache:
             header = _header(fh, path)
             for name, spec in layers.items():
                 bias_dtype = getattr(torch, spec["bias_dtype"]) if spec["bias_dtype"] else None
-                params = {k: v for k, v in spec.items() if k not in ("in_features", "out_features", "bias_dtype")}
+                params = {k: v for k, v in spec.items()
+                          if k not in ("method", "in_features", "out_features", "bias_dtype")}
+                cls = classes.get(spec.get("method"))
+                if cls is None:
+                    raise CheckpointError(f"quantized-weights cache {path} has a layer of unknown kind "
+                                          f"{spec.get('method')!r}; delete its folder")
                 module = cls.empty(spec["in_features"], spec["out_features"], bias_dtype, device, **params)
                 for key, buf in module.state_dict().items():
                     _read_into(fh, path, header, f"{name}.{key}", buf)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ...errors import QuantizationError
+from ..cpu_linear import onednn_linear, onednn_linear_available
 
 INT4_GROUP_SIZES = (128, 64, 32)  # ATen's int4 CPU kernel takes 32 / 64 / 128 / 256; 128 is the usual RTN choice
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -58,6 +59,24 @@ class QuantizedLinear(nn.Module):
                 f"method={self.method}")
 
 
+QUANTIZE_ROWS_PER_CHUNK = 1024  # float32 working memory while quantizing: 1024 x K x 4 bytes (12 MiB at K=3072)
+
+
+def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: (q [N, K] int8, scales [N] float32), w ~= q * scale. Rows are done a chunk at
+    a time so quantizing a 16384 x 3072 layer while loading needs 12 MiB of float32, not 200 MiB (peak RSS)."""
+    n, k = weight.shape
+    q = torch.empty(n, k, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(n, dtype=torch.float32, device=weight.device)
+    for start in range(0, n, QUANTIZE_ROWS_PER_CHUNK):
+        rows = slice(start, min(start + QUANTIZE_ROWS_PER_CHUNK, n))
+        w = weight[rows].detach().float()
+        s = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+        q[rows] = torch.round(w / s[:, None]).clamp_(-127, 127)  # not in place: `w` may be the weight itself
+        scales[rows] = s
+    return q, scales
+
+
 class Int8WeightOnlyLinear(QuantizedLinear):
     """int8 weights with one symmetric float32 scale per output channel (w ~= q * scale, q in [-127, 127])."""
 
@@ -73,9 +92,7 @@ class Int8WeightOnlyLinear(QuantizedLinear):
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, **_) -> Int8WeightOnlyLinear:
-        w = weight.detach().float()
-        scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-        q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+        q, scales = quantize_int8_rows(weight)
         return cls(q, scales, None if bias is None else bias.detach().clone())
 
     @classmethod
@@ -204,6 +221,44 @@ class Fp8Linear(QuantizedLinear):
         return y[:, : self.out_features].float()
 
 
+class Int8StoredLinear(QuantizedLinear):
+    """int8 weights at rest (per-output-channel scales, as `Int8WeightOnlyLinear`), dequantized to the activations'
+    dtype for each call and multiplied by the same kernel an unquantized layer runs (oneDNN where it runs that dtype,
+    else ATen). For the vision tower and the perceiver: their batches are hundreds of rows, compute-bound, so the
+    weight-only int8 kernels would only slow them; this saves their memory (half the bytes) and leaves their compute
+    as it was. Dequantizing a layer costs one pass over its weight per call, small against hundreds of rows of GEMM."""
+
+    method = "int8-stored"
+
+    def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__(weight_int8.shape[1], weight_int8.shape[0], bias)
+        self.register_buffer("weight_int8", weight_int8)
+        self.register_buffer("scales", scales)  # float32 [N]
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, **_) -> Int8StoredLinear:
+        q, scales = quantize_int8_rows(weight)
+        return cls(q, scales, None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, bias_dtype: torch.dtype | None,
+              device: torch.device | str = "cpu", **_) -> Int8StoredLinear:
+        bias = None if bias_dtype is None else torch.empty(out_features, dtype=bias_dtype, device=device)
+        return cls(torch.empty(out_features, in_features, dtype=torch.int8, device=device),
+                   torch.empty(out_features, dtype=torch.float32, device=device), bias)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight_int8.float() * self.scales[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.dequantize().to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if onednn_linear_available(x.device, x.dtype):
+            return onednn_linear(x, weight, bias)
+        return torch.nn.functional.linear(x, weight, bias)
+
+
 QUANTIZED_LINEARS: dict[str, type[QuantizedLinear]] = {
     cls.method: cls for cls in (Int8WeightOnlyLinear, Int4WeightOnlyLinear, Fp8Linear)
 }
+STORED_LINEARS: dict[str, type[QuantizedLinear]] = {Int8StoredLinear.method: Int8StoredLinear}

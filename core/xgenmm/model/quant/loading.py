@@ -19,7 +19,7 @@ from torch import nn
 
 from ...errors import QuantizationError
 from .cache import QuantizedWeightsCache
-from .linears import QUANTIZED_LINEARS, QuantizedLinear
+from .linears import QUANTIZED_LINEARS, Int8StoredLinear, QuantizedLinear
 
 logger = logging.getLogger("xgenmm.quant")
 
@@ -29,6 +29,7 @@ CUDA_METHODS = ("fp8",)
 LANGUAGE_MODEL_PREFIX = "vlm.lang_model."  # the official checkpoint's key prefix of the Phi-3 part
 HEAD_KEYS = (LANGUAGE_MODEL_PREFIX + "lm_head.weight", LANGUAGE_MODEL_PREFIX + "lm_head.additional_fc.weight")
 HEAD_NAME = "lm_head_quantized"
+VISION_STORED_INT8 = ("int8", "int4")  # methods that also keep the vision tower + perceiver weights in int8 at rest
 
 
 def check_quantization(method: str | None, device: torch.device | str | None = None) -> str | None:
@@ -59,6 +60,22 @@ def language_model_linears(net: nn.Module) -> dict[str, str]:
             for name, sub in net.language_model.named_modules() if isinstance(sub, nn.Linear)}
 
 
+def vision_linears(net: nn.Module) -> list[str]:
+    """Every linear layer of the vision tower and the perceiver (module names in `net`; plain or int8 at rest)."""
+    return [f"vision.{name}" for name, sub in net.vision.named_modules()
+            if isinstance(sub, nn.Linear | Int8StoredLinear)]
+
+
+def _store_vision_int8(net: nn.Module) -> list[str]:
+    """The (loaded) vision tower's and perceiver's linears replaced by `Int8StoredLinear`: int8 at rest, computed
+    in the model dtype as before (docs/quantization.md has the fidelity this costs: within the int8 rows)."""
+    names = vision_linears(net)
+    for name in names:
+        sub = net.get_submodule(name)
+        _replace(net, name, Int8StoredLinear.from_weight(sub.weight, sub.bias))
+    return names
+
+
 def _replace(net: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     setattr(net.get_submodule(parent_name) if parent_name else net, attr, module)
@@ -83,7 +100,8 @@ def quantize_language_model(net: nn.Module, method: str, group_size: int = 128) 
         sub = net.get_submodule(name)
         _replace(net, name, cls.from_weight(sub.weight, sub.bias, group_size=group_size))
     _quantize_head(net, cls, group_size)
-    return len(names) + 1
+    stored = _store_vision_int8(net) if method in VISION_STORED_INT8 else []
+    return len(names) + 1 + len(stored)
 
 
 def _quantize_head(net: nn.Module, cls: type[QuantizedLinear], group_size: int) -> None:
@@ -116,7 +134,7 @@ def load_quantized_into(net: nn.Module, method: str, load_tensors: Callable[[set
                                                      group_size, source_files)
         if cache.is_complete():
             load_tensors(keys - set(linears.values()) - set(HEAD_KEYS))
-            for name, module in cache.read(cls, device).items():
+            for name, module in cache.read(device).items():
                 _replace(net, name, module)
             net.lm_head_weight = None
             logger.info("quantized weights (%s) read from %s in %.1f s", method, cache.path,
@@ -124,6 +142,7 @@ def load_quantized_into(net: nn.Module, method: str, load_tensors: Callable[[set
             return
     load_tensors(keys - set(linears.values()))  # everything but the decoder's linears (the head included)
     _quantize_head(net, cls, group_size)
+    stored = _store_vision_int8(net) if method in VISION_STORED_INT8 else []
     for group in _by_layer(linears):
         load_tensors({linears[name] for name in group})
         for name in group:
@@ -131,5 +150,5 @@ def load_quantized_into(net: nn.Module, method: str, load_tensors: Callable[[set
             _replace(net, name, cls.from_weight(sub.weight, sub.bias, group_size=group_size))
     logger.info("language model quantized to %s while loading in %.1f s", method, time.perf_counter() - started)
     if cache is not None:
-        cache.write({name: net.get_submodule(name) for name in [*linears, HEAD_NAME]})
+        cache.write({name: net.get_submodule(name) for name in [*linears, HEAD_NAME, *stored]})
         logger.info("quantized weights saved to %s", cache.path)
