@@ -945,8 +945,9 @@ class HfPipeline:
     def generate(self, embeds: torch.Tensor, mask: torch.Tensor, n: int, cache_implementation: str | None = None):
         extra = {} if cache_implementation is None else {"cache_implementation": cache_implementation}
         with torch.inference_mode():
-            out = self.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                      do_sample=False, pad_token_id=HF_PAD_TOKEN_ID, eos_token_id=None, **extra)  # fmt: skip
+            out = self.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=n,
+                                      min_new_tokens=n, do_sample=False, pad_token_id=HF_PAD_TOKEN_ID,
+                                      eos_token_id=None, **extra)  # fmt: skip
         sync(self.device)
         return out
 
@@ -1148,12 +1149,13 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--hf-attn", default="sdpa", help="transformers attn_implementation for the baseline")
     p.add_argument("--hf-batch", type=int, default=None,
-                   help="requests (and largest batch) of the baseline's batched run; default: the largest --concurrency")
+                   help="requests (and largest batch) of the baseline's batched run; default: the largest "
+                        "--concurrency")
     p.add_argument("--hf-cache", default="static", choices=("static", "dynamic"),
                    help="KV cache of the baseline's batched run (static falls back to dynamic where it fails)")
     p.add_argument("--skip", default="",
-                   help="comma list of sections to skip: fixture_parity,kernels,breakdown,fused_ops,engine,eager_compare,"
-                        "hf_baseline,hf_batched,flex")
+                   help="comma list of sections to skip: fixture_parity,kernels,breakdown,fused_ops,engine,"
+                        "eager_compare,hf_baseline,hf_batched,flex")
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
                    help="no section starts after this many seconds (sections are ordered by importance)")
