@@ -7,8 +7,9 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_31_x86_64 -d .whl llguidance==1.9.1
 # Writes benchmarks/results/gpu_check_<device>_<preset>_<time>.json (rewritten after every section) and copies it
-# to $OUT when that is set. Budget: 3.5 min on an H200 with everything but flex (measured) (flex compiles last; --skip flex saves
-# a few minutes).
+# to $OUT when that is set. Budget: 3.5 min on an H200 with everything but flex (measured before hf_baseline gained its
+# batched run: 64 requests on padded batches, not yet timed on a GPU; --skip hf_batched drops it) (flex compiles last;
+# --skip flex saves a few minutes). How each figure is clocked: the JSON's `methodology` field, docs/gpu.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
