@@ -101,6 +101,7 @@ def run_one(args) -> dict:
     head = model.lm_head_quantized if model.lm_head_quantized is not None else None
     head_bytes = (sum(t.numel() * t.element_size() for t in head.buffers()) if head is not None
                   else model.lm_head_weight.numel() * model.lm_head_weight.element_size())
+    vision_bytes = sum(t.numel() * t.element_size() for t in (*model.vision.parameters(), *model.vision.buffers()))
     llm = LLM.from_handle(loop)
     llm.generate(f"{SYSTEM}<|user|>\nwarm up<|end|>\n<|assistant|>\n", SamplingParams(temperature=0.0, max_tokens=2))
 
@@ -121,6 +122,7 @@ def run_one(args) -> dict:
             "single_stream_tok_s": round(single, 3), "concurrent_tok_s": round(concurrent, 3),
             "peak_rss_gb": round(peak_rss_bytes() / 1e9, 3), "rss_after_load_gb": round(rss_loaded / 1e9, 3),
             "language_model_bytes_gb": round(lm_bytes / 1e9, 3), "lm_head_bytes_gb": round(head_bytes / 1e9, 3),
+            "vision_bytes_gb": round(vision_bytes / 1e9, 3),
             "first_tokens": out.outputs[0].token_ids[:8], "torch_threads": torch.get_num_threads()}
 
 
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--preset", default="scaled", help="random checkpoint preset when --model is not given")
     ap.add_argument("--configs", default="bf16,int8,int4", help=f"comma-separated, of {', '.join(CONFIGS)}")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--decode-tokens", type=int, default=256, help="single-stream decode length (>= 256: a long decode)")
     ap.add_argument("--concurrent", type=int, default=8)
     ap.add_argument("--concurrent-tokens", type=int, default=16)
     ap.add_argument("--kv-cache-gib", type=float, default=0.5)
@@ -188,6 +190,10 @@ def main(argv: list[str] | None = None) -> dict:
         summary[config] = {key: spread([x[key] for x in runs])
                            for key in ("single_stream_tok_s", "concurrent_tok_s", "peak_rss_gb", "load_s")}
         summary[config]["weights_gb"] = runs[0]["language_model_bytes_gb"] + runs[0]["lm_head_bytes_gb"]
+        # the LM weights a single-stream step reads, against the bandwidth probed around that run
+        summary[config]["single_stream_read_fraction"] = spread([
+            round(summary[config]["weights_gb"] * x["single_stream_tok_s"] / statistics.mean(x["bandwidth_gb_s"]), 3)
+            for x in runs])
     base = "bf16" if "bf16" in summary else configs[0]
     for config in configs:
         s = summary[config]
