@@ -131,6 +131,45 @@ def spread(values: list[float]) -> dict:
             "values": values}
 
 
+RATIO_KEYS = ("single_stream_tok_s", "concurrent_tok_s", "peak_rss_gb")
+
+
+def summarize(report: dict) -> dict:
+    """Medians (min-max) per configuration, each ratio to bf16 both as the ratio of the medians and as the median of
+    the per-round paired ratios (each run against the same round's bf16 run: the fairer one on a machine whose speed
+    drifts between rounds), and the fraction of the probed bandwidth each single-stream run read. Prints the table."""
+    configs = report["configs"]
+    summary = {}
+    for config in configs:
+        runs = [x for x in report["runs"] if x["config"] == config]
+        summary[config] = {key: spread([x[key] for x in runs])
+                           for key in ("single_stream_tok_s", "concurrent_tok_s", "peak_rss_gb", "load_s")}
+        summary[config]["weights_gb"] = round(runs[0]["language_model_bytes_gb"] + runs[0]["lm_head_bytes_gb"], 3)
+        # the LM weights a single-stream step reads, against the bandwidth probed around that run
+        summary[config]["single_stream_read_fraction"] = spread([
+            round(summary[config]["weights_gb"] * x["single_stream_tok_s"] / statistics.mean(x["bandwidth_gb_s"]), 3)
+            for x in runs])
+    base = "bf16" if "bf16" in summary else configs[0]
+    base_runs = {x["round"]: x for x in report["runs"] if x["config"] == base}
+    for config in configs:
+        s = summary[config]
+        s["vs_" + base] = {key: round(s[key]["median"] / summary[base][key]["median"], 3) for key in RATIO_KEYS}
+        s["paired_vs_" + base] = {key: spread([round(x[key] / base_runs[x["round"]][key], 3)
+                                               for x in report["runs"] if x["config"] == config
+                                               and x["round"] in base_runs]) for key in RATIO_KEYS}
+    report["summary"] = summary
+    report["same_first_tokens"] = {c: [x["first_tokens"] for x in report["runs"] if x["config"] == c][0]
+                                   for c in configs}
+    for config in configs:
+        s, paired = summary[config], summary[config]["paired_vs_" + base]
+        print(f"{config}: single {s['single_stream_tok_s']['median']} tok/s (paired {paired['single_stream_tok_s']['median']}x "
+              f"{paired['single_stream_tok_s']['values']}), {report['concurrent']} concurrent "
+              f"{s['concurrent_tok_s']['median']} tok/s (paired {paired['concurrent_tok_s']['median']}x "
+              f"{paired['concurrent_tok_s']['values']}), peak RSS {s['peak_rss_gb']['median']} GB "
+              f"({paired['peak_rss_gb']['median']}x)")
+    return summary
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="bf16 / float32 checkpoint directory (default: a random one of --preset, made once)")
@@ -143,8 +182,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--kv-cache-gib", type=float, default=0.5)
     ap.add_argument("--quantized-cache-dir", default=str(ROOT / ".cache" / "quantized"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quantization_cpu.json"))
+    ap.add_argument("--summarize", metavar="JSON", help="recompute the summary of a saved (possibly partial) run")
     ap.add_argument("--config", help=argparse.SUPPRESS)  # child mode: run one configuration, print JSON
     args = ap.parse_args(argv)
+    if args.summarize:
+        report = json.loads(Path(args.summarize).read_text())
+        summarize(report)
+        Path(args.summarize).write_text(json.dumps(report, indent=1))
+        return report
 
     sys.path.insert(0, str(ROOT / "core"))
     if args.config:
@@ -184,32 +229,9 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{run['peak_rss_gb']:.2f} GB, bandwidth {before:.1f}/{after:.1f} GB/s", flush=True)
             Path(args.out).write_text(json.dumps(report, indent=1))  # partial results survive an interruption
 
-    summary = {}
-    for config in configs:
-        runs = [x for x in report["runs"] if x["config"] == config]
-        summary[config] = {key: spread([x[key] for x in runs])
-                           for key in ("single_stream_tok_s", "concurrent_tok_s", "peak_rss_gb", "load_s")}
-        summary[config]["weights_gb"] = runs[0]["language_model_bytes_gb"] + runs[0]["lm_head_bytes_gb"]
-        # the LM weights a single-stream step reads, against the bandwidth probed around that run
-        summary[config]["single_stream_read_fraction"] = spread([
-            round(summary[config]["weights_gb"] * x["single_stream_tok_s"] / statistics.mean(x["bandwidth_gb_s"]), 3)
-            for x in runs])
-    base = "bf16" if "bf16" in summary else configs[0]
-    for config in configs:
-        s = summary[config]
-        s["vs_" + base] = {key: round(s[key]["median"] / summary[base][key]["median"], 3)
-                           for key in ("single_stream_tok_s", "concurrent_tok_s", "peak_rss_gb")}
-    report["summary"] = summary
-    report["same_first_tokens"] = {c: [x["first_tokens"] for x in report["runs"] if x["config"] == c][0]
-                                   for c in configs}
     report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    summarize(report)
     Path(args.out).write_text(json.dumps(report, indent=1))
-    for config in configs:
-        s = summary[config]
-        print(f"{config}: single {s['single_stream_tok_s']['median']} tok/s ({s['vs_' + base]['single_stream_tok_s']}x), "
-              f"{args.concurrent} concurrent {s['concurrent_tok_s']['median']} tok/s "
-              f"({s['vs_' + base]['concurrent_tok_s']}x), peak RSS {s['peak_rss_gb']['median']} GB "
-              f"({s['vs_' + base]['peak_rss_gb']}x)")
     return report
 
 
