@@ -15,6 +15,7 @@ measured size): ours and ATen's int8 must not; oneDNN float32 (qkv) is recorded 
 fallback for prefill, fp8's `torch._scaled_mm` (o, up to 16 rows) because it makes no such promise.
 
     .venv/bin/python benchmarks/quantization_kernels.py [--rows 1,4,8,16,700] [--rounds 3] [--shapes qkv,o,...]
+        [--threads 1 --out ...]   # one thread: a kernel's own rate, less exposed to a busy machine's scheduling
 """
 
 from __future__ import annotations
@@ -78,10 +79,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--bf16-prefill", action="store_true",
                     help="also bf16 F.linear at prefill sizes (on CPUs without native bf16 it is emulated: ~11 s a "
                          "qkv call at 700 rows here, so off by default to keep the run short)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quantization_kernels.json"))
     args = ap.parse_args(argv)
     if not cpu_kernels.int8_available():
         raise SystemExit(f"our int8 kernel is unavailable here: {cpu_kernels.int8_unavailable_reason()}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = [int(m) for m in args.rows.split(",")]
     started = time.perf_counter()
     report = {"cpu": cpu_name(), "cpu_features": cpu_features(), "torch": torch.__version__,

@@ -2,7 +2,7 @@
 `quantization=`): every language-model linear layer and the LM head; the vision tower and the perceiver keep the model
 dtype (they run large prefill-like batches, compute-bound, where the weight bytes saved do not pay).
 
-    int8  CPU: per-output-channel symmetric int8, ATen's `_weight_int8pack_mm`
+    int8  CPU: per-output-channel symmetric int8, our AVX2 kernel (`cpu_kernels`), else ATen's `_weight_int8pack_mm`
     int4  CPU: round-to-nearest, asymmetric groups of 128 inputs, ATen's `_weight_int4pack_mm_for_cpu`
     fp8   E4M3 weights (per-channel scales) and per-token E4M3 activations, `torch._scaled_mm` (Hopper-class GPUs;
           also runs on CPU through oneDNN, which is how its logic is tested here)

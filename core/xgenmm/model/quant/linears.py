@@ -4,8 +4,8 @@
 int8 on x86-64 with AVX2 + FMA (`xgenmm.cpu_kernels.int8_available()`): our kernel (`cpu_kernels/csrc/
 int8_linear_avx2.cpp`) on the weight packed once at load into 64-output panels; it takes bf16 or float32 activations
 as they are, accumulates in float32, applies the per-channel scale and the bias in float32 and rounds once to the
-activations' dtype. On the AVX2 EPYC the project tests on it reads the weight 1.5-4x faster than ATen's int8 kernel at
-1-16 rows (benchmarks/results/quantization_kernels.json). Elsewhere (or with XGENMM_CPU_KERNELS=0) int8 runs ATen's
+activations' dtype. On the AVX2 EPYC the project tests on it ran 1.2-4.9x faster than ATen's int8 kernel at 1-16
+rows on one thread, 1.7-2.6x at 700 (benchmarks/results/quantization_kernels*.json). Elsewhere (or with XGENMM_CPU_KERNELS=0) int8 runs ATen's
 `_weight_int8pack_mm`. int4 runs ATen's `_weight_int4pack_mm_for_cpu`.
 
 These int8 / int4 kernels compute an output row from that row alone (ours: one fixed float32 FMA chain per output
