@@ -19,7 +19,7 @@ from xgenmm.model.quant import Int4WeightOnlyLinear, Int8WeightOnlyLinear
 def test_quantized_engine_identical_alone_batched_cached_and_preempted(tiny_checkpoint, fixture_dir, method, dtype):
     images = [Image.open(p) for p in sorted((fixture_dir / "images").glob("*.png"))]
     prompts = mixed_engine_requests(8, images)
-    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=1)
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=2)
     loop = open_engine("native", str(tiny_checkpoint), "cpu", dtype, shared=False, quantization=method)
     try:
         model = loop.core.model
@@ -28,12 +28,12 @@ def test_quantized_engine_identical_alone_batched_cached_and_preempted(tiny_chec
         assert isinstance(model.lm_head_quantized, layer) and loop.core.dtype == getattr(torch, dtype)
         exact = loop.core.runner.backend.name == "cpu_paged"  # our in-place attention kernel: row-exact too
         llm = LLM.from_handle(loop)
-        alone = [tokens_and_logprobs(llm.generate(p, params)[0]) for p in prompts[:4]]
-        batched = [tokens_and_logprobs(o) for o in llm.generate(prompts, params)]
+        alone = [llm.generate(p, params)[0] for p in prompts[:4]]
+        batched = llm.generate(prompts, params)
         _same(batched[:4], alone, exact, dtype)
         cached = llm.generate(prompts, params)  # the same prompts again: prefix-cache hits
         assert all(o.num_cached_tokens > 0 for o in cached)
-        _same([tokens_and_logprobs(o) for o in cached], batched, exact, dtype)
+        _same(cached, batched, exact, dtype)
     finally:
         loop.shutdown()
     # A KV pool far smaller than 8 x ~500 tokens forces preemption by recompute; a small token budget forces chunked
@@ -45,23 +45,41 @@ def test_quantized_engine_identical_alone_batched_cached_and_preempted(tiny_chec
     try:
         preempted = LLM.from_handle(small).generate(prompts, params)
         assert small.stats().num_preemptions > 0
-        _same([tokens_and_logprobs(o) for o in preempted], batched, False, dtype)
+        _same(preempted, batched, False, dtype)
     finally:
         small.shutdown()
 
 
-def _same(got: list[tuple], want: list[tuple], exact: bool, dtype: str) -> None:
-    """Greedy tokens always identical. Their logprobs bit for bit where every layer is row-exact (the quantized
-    linears are, tests/model/test_quantization.py; so is our in-place attention kernel); otherwise to the rounding
-    of the full-precision attention, whose sums run in another order alone / batched / recomputed in chunks after a
-    preemption (the reference backend, used on CPUs without our kernels, like the fp32 engine's own test); the
-    quantized layers take their inputs in bf16, so such a difference can move a bf16 rounding and shows at bf16
-    scale whatever the model dtype."""
-    assert [tokens for tokens, _ in got] == [tokens for tokens, _ in want]
+# How far apart the two best tokens of a step may be and still swap when the attention sums run in another order
+# (reference backend, after a preemption or a prefix-cache hit): that order moves a bf16 hidden state by a rounding
+# step, which moved logprobs by up to 0.007 on the tiny random checkpoint (its logits are nearly flat: top-2 gaps of
+# 0.004 occur); in float32 it is far smaller.
+NEAR_TIE = {"float32": 1e-4, "bfloat16": 0.02}
+
+
+def _top2_gap(out, step: int) -> float:
+    best = sorted((lp.logprob for lp in out.outputs[0].logprobs[step].values()), reverse=True)
+    return best[0] - best[1]
+
+
+def _same(got_outs: list, want_outs: list, exact: bool, dtype: str) -> None:
+    """Where every layer is row-exact (the quantized linears are, tests/model/test_quantization.py; so is our
+    in-place attention kernel): greedy tokens and their logprobs bit for bit. Otherwise (the reference attention,
+    used on CPUs without our AVX-512 kernels, sums in another order alone / batched / recomputed in chunks after a
+    preemption): the same greedy tokens up to a step whose two best tokens were within that summation's rounding
+    of each other (`NEAR_TIE`; from there on the continuations legitimately differ), with logprobs equal to that
+    rounding (bf16 scale in a bf16 model)."""
+    got, want = [tokens_and_logprobs(o) for o in got_outs], [tokens_and_logprobs(o) for o in want_outs]
     if exact:
         assert got == want
-    for (_, a), (_, b) in zip(got, want):
-        assert a == pytest.approx(b, abs=0.1)
+        return
+    for (tokens, logprobs), (want_tokens, want_logprobs), want_out in zip(got, want, want_outs):
+        step = next((i for i, (a, b) in enumerate(zip(tokens, want_tokens)) if a != b), len(want_tokens))
+        if step < len(want_tokens):
+            gap = _top2_gap(want_out, step)
+            assert gap < NEAR_TIE[dtype], (f"greedy tokens differ at step {step} where the two best were {gap:.4f} "
+                                           f"apart: {tokens} vs {want_tokens}")
+        assert logprobs[:step] == pytest.approx(want_logprobs[:step], abs=0.1)
 
 
 def test_bad_quantization_fails_before_loading_with_a_typed_error(tiny_checkpoint):

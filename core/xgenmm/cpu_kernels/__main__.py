@@ -1,4 +1,5 @@
-"""`python -m xgenmm.cpu_kernels build`: compile the CPU kernels now (CI setup, images), print where they are."""
+"""`python -m xgenmm.cpu_kernels build`: compile the CPU kernels this CPU runs now (CI setup, images): the AVX-512 BF16
+library and the AVX2 int8 library, each where the CPU has its instructions; print where they are or why not."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ def main(argv: list[str]) -> int:
         print("usage: python -m xgenmm.cpu_kernels build", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO)
-    if build.load():
-        print(f"xgenmm CPU kernels ready in {build.cache_dir() / build.build_key()}")
-    else:
-        print(f"xgenmm CPU kernels not used: {build.unavailable_reason()}")
+    for library in build.LIBRARIES:
+        if build.load(library):
+            print(f"{library.title} ready in {build.cache_dir() / build.build_key(library)}")
+        else:
+            print(f"{library.title} not used: {build.unavailable_reason(library)}")
     return 0
 
 

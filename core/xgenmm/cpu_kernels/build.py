@@ -6,9 +6,15 @@ per-process compile). `python -m xgenmm.cpu_kernels build` builds it ahead of ti
 first process that needs it builds it, under cpp_extension's file lock, which takes 1-2 minutes once (measured:
 70+ s on a 2-core machine), with a progress line every 15 s (`BuildProgress`). The build needs `ninja`.
 
-The kernels use AVX-512 with the BF16 extension (VDPBF16PS, VCVTNEPS2BF16): Sapphire Rapids / Cooper Lake Xeons,
-AMD Zen 4 and later. Elsewhere (or with no C++ compiler) nothing is built and callers keep their torch paths.
-Set XGENMM_CPU_KERNELS=0 to never use them, XGENMM_CACHE to move the cache (default ~/.cache/xgenmm).
+Two libraries, each built only where the CPU runs it (`cpu_features`), each with its own sources, flags and cache key:
+
+* `AVX512_BF16` (`torch.ops.xgenmm_cpu`): the bf16 linears, paged attention and fused ops, AVX-512 with the BF16
+  extension (VDPBF16PS, VCVTNEPS2BF16): Sapphire Rapids / Cooper Lake Xeons, AMD Zen 4 and later;
+* `AVX2_INT8` (`torch.ops.xgenmm_avx2`): the int8 weight-only linear, AVX2 + FMA + F16C: any x86-64 since Haswell /
+  Zen, so also the AVX2-only machines the project tests on.
+
+Elsewhere (or with no C++ compiler) nothing is built and callers keep their torch paths. Set XGENMM_CPU_KERNELS=0 to
+never use either, XGENMM_CACHE to move the cache (default ~/.cache/xgenmm).
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,19 +42,52 @@ CFLAGS = ("-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512d
           "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512")
 LDFLAGS = ("-fopenmp",)
 
-_lock = threading.Lock()
-_state: dict = {}
-
 
 def cpu_supports_kernels() -> bool:
     """x86-64 with AVX-512 BF16 instructions (`cpu_features`: as torch reports it, never parsed from /proc)."""
     return cpu_features().runs_bf16_kernels
 
 
-def unavailable_reason() -> str | None:
-    """Why the kernels cannot be used here, or None if they can (building them if needed)."""
-    load()
-    return _state.get("reason")
+def cpu_supports_avx2_kernels() -> bool:
+    """x86-64 with AVX2 + FMA + F16C (`cpu_features`, as torch reports it)."""
+    return cpu_features().runs_avx2_kernels
+
+
+@dataclass(frozen=True)
+class KernelLibrary:
+    """One compiled library: its sources (and the headers they include, hashed into the key), flags, and the CPU
+    it needs (`supported`, asked at load time; `needs` says it in words)."""
+
+    name: str
+    title: str
+    sources: tuple[str, ...]
+    headers: tuple[str, ...]
+    cflags: tuple[str, ...]
+    ldflags: tuple[str, ...]
+    needs: str
+    supported: Callable[[], bool]
+    expected_build_time: str
+
+
+AVX512_BF16 = KernelLibrary(
+    name="xgenmm_cpu_kernels", title="the xgenmm CPU kernels", sources=SOURCES, headers=("linear_io.h",),
+    cflags=CFLAGS, ldflags=LDFLAGS, needs="AVX-512 BF16 instructions",
+    supported=lambda: cpu_supports_kernels(), expected_build_time="1-2 minutes")
+AVX2_INT8 = KernelLibrary(
+    name="xgenmm_cpu_kernels_avx2", title="the xgenmm AVX2 int8 kernels", sources=("int8_linear_avx2.cpp",),
+    headers=(), cflags=("-O3", "-fopenmp", "-mavx2", "-mfma", "-mf16c"), ldflags=("-fopenmp",),
+    needs="AVX2 + FMA instructions", supported=lambda: cpu_supports_avx2_kernels(),
+    expected_build_time="under a minute")
+LIBRARIES = (AVX512_BF16, AVX2_INT8)
+
+_lock = threading.Lock()
+_state: dict[str, dict] = {}
+
+
+def unavailable_reason(library: KernelLibrary = AVX512_BF16) -> str | None:
+    """Why `library` cannot be used here, or None if it can (building it if needed)."""
+    load(library)
+    return _state[library.name].get("reason")
 
 
 def cache_dir() -> Path:
@@ -54,38 +95,40 @@ def cache_dir() -> Path:
     return Path(root) / "cpu_kernels"
 
 
-def build_key() -> str:
+def build_key(library: KernelLibrary = AVX512_BF16) -> str:
     h = hashlib.sha256()
-    for path in sorted(CSRC.glob("*.[ch]*")):  # the sources and the headers they include
-        h.update(path.name.encode() + b"\0" + path.read_bytes())
-    h.update(repr((CFLAGS, LDFLAGS, torch.__version__, torch.version.git_version, sys.version_info[:2])).encode())
+    for name in sorted((*library.sources, *library.headers)):
+        h.update(name.encode() + b"\0" + (CSRC / name).read_bytes())
+    h.update(repr((library.cflags, library.ldflags, torch.__version__, torch.version.git_version,
+                   sys.version_info[:2])).encode())
     return h.hexdigest()[:16]
 
 
-def load() -> bool:
-    """Load the kernels (building them first if this machine has no build yet); True when `torch.ops.xgenmm_cpu` is
-    usable. Never raises: a failure is logged once and remembered (`unavailable_reason()`)."""
-    if "ok" in _state:
-        return _state["ok"]
+def load(library: KernelLibrary = AVX512_BF16) -> bool:
+    """Load `library` (building it first if this machine has no build yet); True when its ops are usable. Never
+    raises: a failure is logged once and remembered (`unavailable_reason()`)."""
+    state = _state.get(library.name)
+    if state is not None:
+        return state["ok"]
     with _lock:
-        if "ok" in _state:
-            return _state["ok"]
-        reason = _why_not()
+        if library.name in _state:
+            return _state[library.name]["ok"]
+        reason = _why_not(library)
         if reason is None:
             try:
-                _build_and_load()
+                _build_and_load(library)
             except Exception as exc:  # noqa: BLE001 - a missing compiler must not break the engine
-                reason = f"building the CPU kernels failed: {type(exc).__name__}: {str(exc)[-2000:]}"
+                reason = f"building {library.title} failed: {type(exc).__name__}: {str(exc)[-2000:]}"
                 logger.warning("%s; using the torch CPU paths", reason)
-        _state.update(ok=reason is None, reason=reason)
-        return _state["ok"]
+        _state[library.name] = {"ok": reason is None, "reason": reason}
+        return reason is None
 
 
-def _why_not() -> str | None:
+def _why_not(library: KernelLibrary = AVX512_BF16) -> str | None:
     if os.environ.get("XGENMM_CPU_KERNELS", "1") == "0":
         return "disabled by XGENMM_CPU_KERNELS=0"
-    if not cpu_supports_kernels():
-        return "this CPU has no AVX-512 BF16 instructions"
+    if not library.supported():
+        return f"this CPU has no {library.needs}"
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         return "no C++ compiler (c++) on PATH"
     from torch.utils.cpp_extension import is_ninja_available
@@ -125,18 +168,18 @@ class BuildProgress:
         self.say(f"{self.what}: {outcome} after {time.monotonic() - self._start:.0f} s")
 
 
-def _build_and_load() -> None:
+def _build_and_load(library: KernelLibrary) -> None:
     from torch.utils import cpp_extension
 
-    key = build_key()
-    name = f"xgenmm_cpu_kernels_{key}"
+    key = build_key(library)
+    name = f"{library.name}_{key}"
     build_dir = cache_dir() / key
     build_dir.mkdir(parents=True, exist_ok=True)
-    library = build_dir / f"{name}.so"
-    if library.is_file():
-        torch.ops.load_library(str(library))
+    so = build_dir / f"{name}.so"
+    if so.is_file():
+        torch.ops.load_library(str(so))
         return
-    with BuildProgress("building the xgenmm CPU kernels", str(build_dir), "1-2 minutes"):
-        cpp_extension.load(name=name, sources=[str(CSRC / s) for s in SOURCES], extra_cflags=list(CFLAGS),
-                           extra_ldflags=list(LDFLAGS), build_directory=str(build_dir), is_python_module=False,
-                           verbose=False)
+    with BuildProgress(f"building {library.title}", str(build_dir), library.expected_build_time):
+        cpp_extension.load(name=name, sources=[str(CSRC / s) for s in library.sources],
+                           extra_cflags=list(library.cflags), extra_ldflags=list(library.ldflags),
+                           build_directory=str(build_dir), is_python_module=False, verbose=False)

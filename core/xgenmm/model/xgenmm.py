@@ -77,8 +77,9 @@ class XGenMMForConditionalGeneration(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, 32015] float32 logits (decoupled head, with its bias)."""
-        if self.lm_head_quantized is not None:
-            return self.lm_head_quantized(hidden).float()
+        if self.lm_head_quantized is not None:  # float32 in, float32 logits out: its float32 accumulation is kept
+            # (logits rounded to bf16 tie near-equal tokens, and any upstream rounding difference then picks a side)
+            return self.lm_head_quantized(hidden.float())
         if self.linear_kernel == "onednn+xgenmm_bf16":
             return bf16_kernel_linear(hidden, self.lm_head_weight, self.lm_head_bias).float()
         if self.linear_kernel == "onednn":

@@ -100,6 +100,7 @@ class QuantizedWeightsCache:
                 module = cls.empty(spec["in_features"], spec["out_features"], bias_dtype, device, **params)
                 for key, buf in module.state_dict().items():
                     _read_into(fh, path, header, f"{name}.{key}", buf)
+                module.finish_loading()  # e.g. int8 packs its weight for our kernel (the file keeps [N, K])
                 modules[name] = module
         return modules
 

@@ -1,15 +1,25 @@
-"""Weight-only quantized linear layers: int8 and int4 (CPU, ATen's kernels) and fp8 (E4M3, `torch._scaled_mm`).
+"""Weight-only quantized linear layers: int8 (CPU: our AVX2 kernel, else ATen's), int4 (CPU, ATen's kernel) and fp8
+(E4M3, `torch._scaled_mm`).
 
-Why these kernels: they are ATen's own (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`, `_scaled_mm`), kept by
-torch. The int8 and int4 ones compute an output row from that row alone, so a request's tokens never depend on what
-it is batched with (tests/model/test_quantization.py checks it bit for bit); `_scaled_mm` (fp8) does not promise it
-(on CPU at full widths its rows change with the batch: benchmarks/results/quantization_kernels.json). ATen's int8 / int4 CPU kernels run fast only with bf16
-activations (float32 ones took 5-15x longer than bf16 on the AVX2 machine the project tests on: benchmarks/
-quantization_cpu.py), so activations enter them in bf16 whatever the model dtype; they accumulate in float32 and
-the per-channel scale and the bias are applied in float32 before the result is cast back to the model dtype.
+int8 on x86-64 with AVX2 + FMA (`xgenmm.cpu_kernels.int8_available()`): our kernel (`cpu_kernels/csrc/
+int8_linear_avx2.cpp`) on the weight packed once at load into 64-output panels; it takes bf16 or float32 activations
+as they are, accumulates in float32, applies the per-channel scale and the bias in float32 and rounds once to the
+activations' dtype. On the AVX2 EPYC the project tests on it ran 1.2-4.9x faster than ATen's int8 kernel at 1-16
+rows on one thread, 1.7-2.6x at 700 (benchmarks/results/quantization_kernels*.json). Elsewhere (or with XGENMM_CPU_KERNELS=0) int8 runs ATen's
+`_weight_int8pack_mm`. int4 runs ATen's `_weight_int4pack_mm_for_cpu`.
+
+These int8 / int4 kernels compute an output row from that row alone (ours: one fixed float32 FMA chain per output
+whatever the batch), so a request's tokens never depend on what it is batched with (tests/model/test_quantization.py
+checks it bit for bit); `_scaled_mm` (fp8) does not promise it (on CPU at full widths its rows change with the batch:
+benchmarks/results/quantization_kernels.json). ATen's int8 / int4 CPU kernels run fast only with bf16 activations
+(float32 ones took 5-15x longer than bf16 on the AVX2 machine the project tests on: benchmarks/quantization_cpu.py),
+so activations enter them in bf16 whatever the model dtype; they accumulate in float32 and the per-channel scale and
+the bias are applied in float32 before the result is cast back to the model dtype.
 
 Each layer keeps its quantized tensors as buffers (so `.to(device)` moves them and `state_dict` saves them) and
-builds empty from its shapes (`empty`), which the quantized-weights cache fills (`quant/cache.py`).
+builds empty from its shapes (`empty`), which the quantized-weights cache fills (`quant/cache.py`) before calling
+`finish_loading()`. A packed int8 layer's state dict still holds the plain int8 [N, K] weight (unpacked when saved,
+packed again when loaded), so the cache's format does not depend on the CPU that wrote it.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import torch
 from torch import nn
 
 from ...errors import QuantizationError
+from ...cpu_features import cpu_features
 from ..cpu_linear import onednn_linear, onednn_linear_available
 
 INT4_GROUP_SIZES = (128, 64, 32)  # ATen's int4 CPU kernel takes 32 / 64 / 128 / 256; 128 is the usual RTN choice
@@ -50,6 +61,10 @@ class QuantizedLinear(nn.Module):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def finish_loading(self) -> None:
+        """Called once the buffers hold the weights (`from_weight`, the cache's read): lay them out for the kernel
+        that will run them. Nothing to do by default."""
+
     def params(self) -> dict:
         """What, besides the shapes, `empty` needs to rebuild this layer (recorded in the cache's json)."""
         return {}
@@ -77,8 +92,21 @@ def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return q, scales
 
 
+def int8_kernel_available(device: torch.device | str) -> bool:
+    """Our AVX2 int8 kernel runs on this device (CPU, x86-64 with AVX2 + FMA, built, not disabled)."""
+    if torch.device(device).type != "cpu":
+        return False
+    from ... import cpu_kernels
+
+    return cpu_kernels.int8_available()
+
+
 class Int8WeightOnlyLinear(QuantizedLinear):
-    """int8 weights with one symmetric float32 scale per output channel (w ~= q * scale, q in [-127, 127])."""
+    """int8 weights with one symmetric float32 scale per output channel (w ~= q * scale, q in [-127, 127]).
+
+    Where our int8 kernel runs, `finish_loading` replaces the plain `weight_int8` buffer by `weight_packed` (the
+    same bytes in 64-output panels; the plain copy is freed): `weight_int8` then unpacks on access (a copy), and the
+    state dict still holds the plain layout."""
 
     method = "int8"
 
@@ -86,14 +114,16 @@ class Int8WeightOnlyLinear(QuantizedLinear):
         super().__init__(weight_int8.shape[1], weight_int8.shape[0], bias)
         self.register_buffer("weight_int8", weight_int8)
         self.register_buffer("scales", scales)  # float32 [N]
-        # the kernel multiplies by a bf16 scale; ones keep it exact and the real scale is applied in float32
+        # ATen's kernel multiplies by a bf16 scale; ones keep it exact and the real scale is applied in float32
         self.register_buffer("unit_scales", torch.ones(weight_int8.shape[0], dtype=torch.bfloat16,
                                                        device=weight_int8.device), persistent=False)
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, **_) -> Int8WeightOnlyLinear:
         q, scales = quantize_int8_rows(weight)
-        return cls(q, scales, None if bias is None else bias.detach().clone())
+        layer = cls(q, scales, None if bias is None else bias.detach().clone())
+        layer.finish_loading()
+        return layer
 
     @classmethod
     def empty(cls, in_features: int, out_features: int, bias_dtype: torch.dtype | None,
@@ -102,8 +132,47 @@ class Int8WeightOnlyLinear(QuantizedLinear):
         return cls(torch.empty(out_features, in_features, dtype=torch.int8, device=device),
                    torch.empty(out_features, dtype=torch.float32, device=device), bias)
 
+    @property
+    def packed(self) -> bool:
+        return "weight_packed" in self._buffers
+
+    def finish_loading(self) -> None:
+        if self.packed or not int8_kernel_available(self.scales.device):
+            return
+        plain = self._buffers.pop("weight_int8")
+        self.register_buffer("weight_packed", torch.ops.xgenmm_avx2.pack_int8_weight(plain), persistent=False)
+
+    def _unpack(self) -> None:
+        packed = self._buffers.pop("weight_packed")
+        self.register_buffer("weight_int8", torch.ops.xgenmm_avx2.unpack_int8_weight(packed, self.out_features))
+
+    def __getattr__(self, name: str):
+        if name == "weight_int8" and "weight_packed" in self.__dict__.get("_buffers", {}):
+            return torch.ops.xgenmm_avx2.unpack_int8_weight(self._buffers["weight_packed"], self.out_features)
+        return super().__getattr__(name)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.packed:
+            destination[prefix + "weight_int8"] = self.weight_int8
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if not self.packed:
+            return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._unpack()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.finish_loading()
+
     def dequantize(self) -> torch.Tensor:
         return self.weight_int8.float() * self.scales[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.packed and x.device.type == "cpu"):
+            return super().forward(x)
+        if x.dtype in (torch.bfloat16, torch.float32):
+            return torch.ops.xgenmm_avx2.int8_linear(x, self.weight_packed, self.scales, self.bias, self.out_features)
+        return torch.ops.xgenmm_avx2.int8_linear(x.float(), self.weight_packed, self.scales, self.bias,
+                                                 self.out_features).to(x.dtype)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), self.weight_int8, self.unit_scales)
@@ -221,36 +290,24 @@ class Fp8Linear(QuantizedLinear):
         return y[:, : self.out_features].float()
 
 
-class Int8StoredLinear(QuantizedLinear):
-    """int8 weights at rest (per-output-channel scales, as `Int8WeightOnlyLinear`), dequantized to the activations'
-    dtype for each call and multiplied by the same kernel an unquantized layer runs (oneDNN where it runs that dtype,
-    else ATen). For the vision tower and the perceiver: their batches are hundreds of rows, compute-bound, so the
-    weight-only int8 kernels would only slow them; this saves their memory (half the bytes) and leaves their compute
-    as it was. Dequantizing a layer costs one pass over its weight per call, small against hundreds of rows of GEMM."""
+class Int8StoredLinear(Int8WeightOnlyLinear):
+    """int8 weights at rest (per-output-channel scales, as `Int8WeightOnlyLinear`) for the vision tower and the
+    perceiver, whose batches are hundreds of rows (729 per crop): compute-bound, so what int8 buys there is memory,
+    and each layer runs on whatever is fastest at those sizes on this CPU. Where the CPU computes bf16 natively
+    (AVX-512 BF16 / AMX), oneDNN's GEMM in the model dtype is: the weight is dequantized to that dtype for each call
+    (one pass over a 5-20 MB weight, small against the GEMM) and run as an unquantized layer would be. Elsewhere
+    (AVX2) torch's bf16 GEMM is emulated (~12-14 GFLOP/s here) and our int8 kernel is faster at every row count
+    (`benchmarks/results/quantization_kernels.json`), so the weight is packed for it like the language model's."""
 
     method = "int8-stored"
 
-    def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__(weight_int8.shape[1], weight_int8.shape[0], bias)
-        self.register_buffer("weight_int8", weight_int8)
-        self.register_buffer("scales", scales)  # float32 [N]
-
-    @classmethod
-    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, **_) -> Int8StoredLinear:
-        q, scales = quantize_int8_rows(weight)
-        return cls(q, scales, None if bias is None else bias.detach().clone())
-
-    @classmethod
-    def empty(cls, in_features: int, out_features: int, bias_dtype: torch.dtype | None,
-              device: torch.device | str = "cpu", **_) -> Int8StoredLinear:
-        bias = None if bias_dtype is None else torch.empty(out_features, dtype=bias_dtype, device=device)
-        return cls(torch.empty(out_features, in_features, dtype=torch.int8, device=device),
-                   torch.empty(out_features, dtype=torch.float32, device=device), bias)
-
-    def dequantize(self) -> torch.Tensor:
-        return self.weight_int8.float() * self.scales[:, None]
+    def finish_loading(self) -> None:
+        if not cpu_features().computes_bf16:
+            super().finish_loading()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed and x.device.type == "cpu":
+            return super().forward(x)
         weight = self.dequantize().to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if onednn_linear_available(x.device, x.dtype):
