@@ -1,4 +1,5 @@
-"""Weight-only quantized linear layers: int8 and int4 (CPU, ATen's kernels) and fp8 (E4M3, `torch._scaled_mm`).
+"""Weight-only quantized linear layers: int8 (CPU: ATen's kernel; CUDA: our Triton kernel, `triton_int8.py`), int4
+(CPU, ATen's kernel) and fp8 (E4M3, `torch._scaled_mm`).
 
 Why these kernels: they are ATen's own (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`, `_scaled_mm`), kept by
 torch. The int8 and int4 ones compute an output row from that row alone, so a request's tokens never depend on what
@@ -105,9 +106,32 @@ class Int8WeightOnlyLinear(QuantizedLinear):
     def dequantize(self) -> torch.Tensor:
         return self.weight_int8.float() * self.scales[:, None]
 
+    def runs_triton(self) -> bool:
+        """On CUDA the Triton kernel (`triton_int8.py`) runs, on CPU ATen's `_weight_int8pack_mm`."""
+        return self.weight_int8.is_cuda
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.runs_triton():
+            return super().forward(x)
+        # one launch: scale and bias applied to the float32 accumulator, one rounding to the model dtype
+        from .triton_int8 import int8_weight_only_linear  # triton is imported only where it runs (Linux + GPU)
+
+        return int8_weight_only_linear(_triton_activations(x), self.weight_int8, self.scales, self.bias,
+                                       out_dtype=x.dtype)
+
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.runs_triton():
+            from .triton_int8 import int8_weight_only_linear
+
+            return int8_weight_only_linear(_triton_activations(x), self.weight_int8, self.scales,
+                                           out_dtype=torch.float32)
         y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), self.weight_int8, self.unit_scales)
         return y.float().mul_(self.scales)
+
+
+def _triton_activations(x: torch.Tensor) -> torch.Tensor:
+    """bf16 / fp16 enter the Triton kernel as they are; float32 enters in bf16, as on the CPU path."""
+    return x if x.dtype in (torch.bfloat16, torch.float16) else x.to(torch.bfloat16)
 
 
 def int4_group_size(in_features: int, preferred: int = 128) -> int:
