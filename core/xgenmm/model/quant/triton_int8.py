@@ -2,7 +2,7 @@
 
 Why our own kernel: ATen's `_weight_int8pack_mm` has no CUDA kernel, and fp8 (`torch._scaled_mm`) needs compute
 capability >= 8.9; this one serves int8 weights on every GPU Triton targets (compute capability >= 8.0: Ampere, Ada,
-Hopper, and later), half the weight bytes of bf16 per decode step.
+Hopper, and later; `loading.CUDA_MIN_CAPABILITY` refuses older GPUs), half the weight bytes of bf16 per decode step.
 
 How: the activations (bf16 or fp16) and the int8 weights are read a [BLOCK_M, BLOCK_K] / [BLOCK_K, BLOCK_N] tile at a
 time; the int8 tile is converted to the activations' dtype in registers (exact: |q| <= 127), multiplied on the tensor
@@ -36,7 +36,6 @@ import triton.language as tl
 from ...attention.triton_kernels import _prepare_launch, interpreting
 from ..fused_ops import _round
 
-TRITON_MIN_CAPABILITY = (8, 0)  # Triton 3.x targets compute capability 8.0+; bf16 tensor cores start there too
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -133,10 +132,11 @@ def int8_weight_only_linear(x: torch.Tensor, weight_int8: torch.Tensor, scales: 
         _prepare_launch()  # the interpreter's runtime-bound `range` fix (a no-op on the GPU)
         interp = interpreting()
         grid = (triton.cdiv(m, LAUNCH.block_m), triton.cdiv(n, LAUNCH.block_n))
+        bias_arg = bias.contiguous() if bias is not None else scales  # any pointer: HAS_BIAS=False never reads it
         _int8_weight_only_kernel[grid](
-            x2, q, scales.contiguous(), bias.contiguous() if bias is not None else scales, out, m, n, k, x2.stride(0), q.stride(0),
-            out.stride(0), HAS_BIAS=bias is not None, BLOCK_M=LAUNCH.block_m, BLOCK_N=LAUNCH.block_n,
-            BLOCK_K=LAUNCH.block_k, UPCAST_DOT=interp, EMULATE_BF16=interp and out_dtype == torch.bfloat16,
+            x2, q, scales.contiguous(), bias_arg, out, m, n, k, x2.stride(0), q.stride(0), out.stride(0),
+            HAS_BIAS=bias is not None, BLOCK_M=LAUNCH.block_m, BLOCK_N=LAUNCH.block_n, BLOCK_K=LAUNCH.block_k,
+            UPCAST_DOT=interp, EMULATE_BF16=interp and out_dtype == torch.bfloat16,
             num_warps=LAUNCH.num_warps, num_stages=LAUNCH.num_stages, enable_fp_fusion=False,
         )  # fmt: skip
     return out.view(*x.shape[:-1], n)
