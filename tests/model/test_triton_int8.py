@@ -96,10 +96,12 @@ def test_layer_on_the_triton_route_matches_its_cpu_route(dtype, monkeypatch):
     q, scales, bias = _weights(seed=3)
     layer = Int8WeightOnlyLinear(q, scales, bias)
     x = torch.randn(2, 5, K, generator=torch.Generator().manual_seed(4)).to(dtype)
-    on_cpu = layer(x)
+    zeros = torch.zeros(1, K, dtype=dtype)
+    on_cpu, bias_cpu = layer(x), layer(zeros)
     cpu_matmul = layer._matmul(x.reshape(-1, K))
     monkeypatch.setattr(Int8WeightOnlyLinear, "runs_triton", lambda self: True)
     on_triton = layer(x)
+    assert torch.equal(layer(zeros), bias_cpu)  # the bias exactly, rounded once to the model dtype on both routes
     assert on_triton.dtype == dtype and on_triton.shape == on_cpu.shape
     # fp16 activations stay fp16 on the Triton route (the CPU route casts them to bf16): compare with the exact result
     want = _reference(x.to(torch.bfloat16) if dtype == torch.float32 else x, q, scales, bias).reshape(2, 5, N)
