@@ -148,6 +148,10 @@ COMPILE_SCRIPT = textwrap.dedent(
     from triton.compiler import ASTSource
     from xgenmm.model.quant import triton_int8 as t
 
+    # what the JIT specialises on at the model's widths (multiples of 16): aligned pointers, strides, N and K
+    aligned = ("x_ptr", "q_ptr", "scale_ptr", "bias_ptr", "out_ptr", "N", "K", "x_stride", "q_stride", "out_stride")
+    fn = t._int8_weight_only_kernel
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     for arch, x_dt, out_dt in ((80, "bf16", "bf16"), (90, "fp16", "fp32")):
         sig = {"x_ptr": "*" + x_dt, "q_ptr": "*i8", "scale_ptr": "*fp32", "bias_ptr": "*" + x_dt,
                "out_ptr": "*" + out_dt, "M": "i32", "N": "i32", "K": "i32", "x_stride": "i64",
@@ -156,12 +160,13 @@ COMPILE_SCRIPT = textwrap.dedent(
                "EMULATE_BF16": "constexpr"}
         consts = {"HAS_BIAS": True, "BLOCK_M": t.LAUNCH.block_m, "BLOCK_N": t.LAUNCH.block_n,
                   "BLOCK_K": t.LAUNCH.block_k, "UPCAST_DOT": False, "EMULATE_BF16": False}
-        k = triton.compile(ASTSource(fn=t._int8_weight_only_kernel, signature=sig, constexprs=consts),
+        k = triton.compile(ASTSource(fn=t._int8_weight_only_kernel, signature=sig, constexprs=consts, attrs=attrs),
                            target=GPUTarget("cuda", arch, 32),
                            options={"num_warps": t.LAUNCH.num_warps, "num_stages": t.LAUNCH.num_stages,
                                     "enable_fp_fusion": False})
         ptx = k.asm["ptx"]
         assert "mma" in ptx, (arch, x_dt)  # the int8 tile runs on the tensor cores after conversion
+        assert "cp.async" in ptx, (arch, x_dt)  # the weight stream is software-pipelined (num_stages)
         assert "fma.rn" not in ptx, (arch, x_dt)  # scale and bias: two roundings, as on the CPU route
         assert k.asm["cubin"]
         assert k.metadata.shared <= 99 * 1024, k.metadata.shared  # launches on sm_86 / sm_89 (99 KiB per block)
