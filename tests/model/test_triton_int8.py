@@ -112,6 +112,14 @@ def test_layer_on_the_triton_route_matches_its_cpu_route(dtype, monkeypatch):
     torch.testing.assert_close(triton_matmul, cpu_matmul, rtol=2.0**-7, atol=1e-2)
 
 
+def test_int8_on_cpu_refuses_widths_atens_kernel_cannot_take():
+    """ATen's `_weight_int8pack_mm` crashes the process (SIGSEGV) when K is not a multiple of 8: a typed error
+    instead, at quantization time (the Triton kernel takes any K: K_ODD above)."""
+    with pytest.raises(QuantizationError, match="divisible by 8.*300"):
+        Int8WeightOnlyLinear.from_weight(torch.randn(16, K_ODD), None)
+    assert Int8WeightOnlyLinear.from_weight(torch.randn(16, K), None).in_features == K
+
+
 def test_cuda_capability_rules():
     assert check_quantization("int8", "cuda", capability=(8, 0)) == "int8"  # A100
     assert check_quantization("int8", "cuda", capability=(8, 6)) == "int8"  # RTX 30xx / A10

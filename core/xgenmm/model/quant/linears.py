@@ -93,6 +93,9 @@ class Int8WeightOnlyLinear(QuantizedLinear):
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, **_) -> Int8WeightOnlyLinear:
+        if weight.device.type == "cpu" and weight.shape[1] % 8:  # ATen's CPU kernel crashes (SIGSEGV) on such widths
+            raise QuantizationError(f"int8 on CPU needs a layer width divisible by 8; this layer has {weight.shape[1]} "
+                                    "inputs: use quantization=None")
         q, scales = quantize_int8_rows(weight)
         return cls(q, scales, None if bias is None else bias.detach().clone())
 
