@@ -498,7 +498,8 @@ def flex_checks(device: torch.device, dtype: torch.dtype, small: bool) -> dict:
 
 
 def fused_op_checks(device: torch.device, dtype: torch.dtype, small: bool) -> dict:
-    """Fused small-op kernels vs the torch ops of the plain decoder path: bf16 ulps and time per call."""
+    """Fused small-op kernels vs the torch ops of the plain decoder path: bf16 ulps and time per call; and the int8
+    weight-only Triton GEMM vs bf16 `F.linear` on the same layer (its error is the weight's quantization)."""
     import torch.nn.functional as F
 
     from xgenmm.model import fused_ops
@@ -521,6 +522,13 @@ def fused_op_checks(device: torch.device, dtype: torch.dtype, small: bool) -> di
         return float((a.float() - b.float()).abs().max())
 
     norm = RMSNorm(hidden, 1e-5).to(device=device, dtype=dtype)
+    # int8 weight-only (Triton) vs bf16 F.linear on the same layer: gate_up [2 inter, hidden] and down [hidden, inter]
+    from xgenmm.model.quant.linears import quantize_int8_rows
+    from xgenmm.model.quant.triton_int8 import int8_weight_only_linear
+
+    weights = {name: (torch.randn(n, k, generator=gen) / k**0.5).to(device=device, dtype=dtype)
+               for name, n, k in (("gate_up", 2 * inter, hidden), ("down", hidden, inter))}
+    int8_weights = {name: quantize_int8_rows(w) for name, w in weights.items()}
     rotary = RotaryEmbedding(head_dim, head_dim, 4096, 10000.0).to(device)
     rotary.reset_buffers()
     for tokens in (1, 8) if small else (1, 64, 2048):
@@ -552,6 +560,10 @@ def fused_op_checks(device: torch.device, dtype: torch.dtype, small: bool) -> di
             "silu_and_mul": (lambda: fused_ops.silu_and_mul(gu), torch_silu),
             "rotary_q": (lambda: fused_rope()[0], lambda: torch_rope()[0]),
         }
+        for name, (q8, s8) in int8_weights.items():  # "fused" = int8 kernel, "torch" = bf16 F.linear (not ulp-equal)
+            xin = torch.randn(tokens, q8.shape[1], generator=gen).to(device=device, dtype=dtype)
+            cases[f"int8_linear_{name}"] = (lambda xin=xin, q8=q8, s8=s8: int8_weight_only_linear(xin, q8, s8),
+                                            lambda xin=xin, w=weights[name]: F.linear(xin, w))
         for name, (fused_fn, torch_fn) in cases.items():
             row = {"op": name, "tokens": tokens}
             try:
@@ -559,6 +571,9 @@ def fused_op_checks(device: torch.device, dtype: torch.dtype, small: bool) -> di
                 row["max_diff_bf16_ulps_or_abs"] = ulps(fused_out, torch_out)
                 row["max_abs_diff"] = abs_err(fused_out, torch_out)
                 row["max_abs_torch"] = float(torch_out.float().abs().max())
+                if name.startswith("int8"):  # ulps mean little against another weight: the relative error instead
+                    diff = (fused_out.float() - torch_out.float()).norm() / torch_out.float().norm()
+                    row["rel_err"] = float(diff)
                 row["fused_us"] = round(1e6 * timed(fused_fn, device, repeats=3 if small else 50), 1)
                 row["torch_us"] = round(1e6 * timed(torch_fn, device, repeats=3 if small else 50), 1)
             except Exception as exc:  # noqa: BLE001

@@ -64,8 +64,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="default: the fastest available")
     group.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     group.add_argument("--quantization", choices=QUANTIZATION_METHODS, default=None,
-                       help="weight-only quantization of the language model at load time (default: none; int8 / int4 "
-                            "on CPU, fp8 on Hopper-class GPUs; docs/quantization.md)")
+                       help="weight-only quantization of the language model at load time (default: none; int8 on CPU "
+                            "and on GPUs >= sm_80, int4 on CPU, fp8 on GPUs >= sm_89; docs/quantization.md)")
     group.add_argument("--quantized-cache-dir", default=None, metavar="DIR",
                        help="keep the quantized weights here so the next start reads them instead of quantizing")
     group.add_argument("--allow-control-tokens-in-content", action="store_true",

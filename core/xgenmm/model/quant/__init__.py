@@ -3,7 +3,8 @@
 int8 weights at rest (`Int8StoredLinear`) but compute in the model dtype as before: their batches are hundreds of rows,
 compute-bound, where a weight-only kernel would not pay, so only their memory is halved.
 
-    int8  CPU: per-output-channel symmetric int8, our AVX2 kernel (`cpu_kernels`), else ATen's `_weight_int8pack_mm`
+    int8  per-output-channel symmetric int8; CPU: our AVX2 kernel (`cpu_kernels`), else ATen's `_weight_int8pack_mm`;
+          CUDA (compute capability >= 8.0): our Triton GEMM (`triton_int8.py`); all batch-invariant
     int4  CPU: round-to-nearest, asymmetric groups of 128 inputs, ATen's `_weight_int4pack_mm_for_cpu`
     fp8   E4M3 weights (per-channel scales) and per-token E4M3 activations, `torch._scaled_mm` (Hopper-class GPUs;
           also runs on CPU through oneDNN, which is how its logic is tested here)

@@ -1,5 +1,5 @@
-"""Weight-only quantized linear layers: int8 (CPU: our AVX2 kernel, else ATen's), int4 (CPU, ATen's kernel) and fp8
-(E4M3, `torch._scaled_mm`).
+"""Weight-only quantized linear layers: int8 (CPU: our AVX2 kernel, else ATen's; CUDA: our Triton kernel,
+`triton_int8.py`), int4 (CPU, ATen's kernel) and fp8 (E4M3, `torch._scaled_mm`).
 
 int8 on x86-64 with AVX2 + FMA (`xgenmm.cpu_kernels.int8_available()`): our kernel (`cpu_kernels/csrc/
 int8_linear_avx2.cpp`) on the weight packed once at load into 64-output panels; it takes bf16 or float32 activations
@@ -120,6 +120,9 @@ class Int8WeightOnlyLinear(QuantizedLinear):
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, **_) -> Int8WeightOnlyLinear:
+        if weight.device.type == "cpu" and weight.shape[1] % 8:  # ATen's CPU kernel crashes (SIGSEGV) on such widths
+            raise QuantizationError(f"int8 on CPU needs a layer width divisible by 8; this layer has {weight.shape[1]} "
+                                    "inputs: use quantization=None")
         q, scales = quantize_int8_rows(weight)
         layer = cls(q, scales, None if bias is None else bias.detach().clone())
         layer.finish_loading()
@@ -166,7 +169,18 @@ class Int8WeightOnlyLinear(QuantizedLinear):
     def dequantize(self) -> torch.Tensor:
         return self.weight_int8.float() * self.scales[:, None]
 
+    def runs_triton(self) -> bool:
+        """On CUDA the Triton kernel (`triton_int8.py`) runs; on CPU ours (packed) or ATen's `_weight_int8pack_mm`.
+        (`scales`, not `weight_int8`: on CPU the plain weight may be packed away.)"""
+        return self.scales.is_cuda
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.runs_triton():
+            # one launch: scale and bias applied to the float32 accumulator, one rounding to the model dtype
+            from .triton_int8 import int8_weight_only_linear  # triton is imported only where it runs (Linux + GPU)
+
+            return int8_weight_only_linear(_triton_activations(x), self.weight_int8, self.scales, self.bias,
+                                           out_dtype=x.dtype)
         if not (self.packed and x.device.type == "cpu"):
             return super().forward(x)
         if x.dtype in (torch.bfloat16, torch.float32):
@@ -175,8 +189,18 @@ class Int8WeightOnlyLinear(QuantizedLinear):
                                                  self.out_features).to(x.dtype)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.runs_triton():
+            from .triton_int8 import int8_weight_only_linear
+
+            return int8_weight_only_linear(_triton_activations(x), self.weight_int8, self.scales,
+                                           out_dtype=torch.float32)
         y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), self.weight_int8, self.unit_scales)
         return y.float().mul_(self.scales)
+
+
+def _triton_activations(x: torch.Tensor) -> torch.Tensor:
+    """bf16 / fp16 enter the Triton kernel as they are; float32 enters in bf16, as on the CPU path."""
+    return x if x.dtype in (torch.bfloat16, torch.float16) else x.to(torch.bfloat16)
 
 
 def int4_group_size(in_features: int, preferred: int = 128) -> int:

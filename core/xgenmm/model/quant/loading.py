@@ -25,16 +25,25 @@ logger = logging.getLogger("xgenmm.quant")
 
 QUANTIZATION_METHODS = ("int8", "int4", "fp8")
 CPU_METHODS = ("int8", "int4", "fp8")
-CUDA_METHODS = ("fp8",)
+# method -> the lowest CUDA compute capability it runs on: int8 is our Triton kernel (`triton_int8.py`; Triton targets
+# 8.0+: Ampere, Ada, Hopper, later), fp8 needs fp8 tensor cores (8.9+: Ada, Hopper). int4 is CPU-only.
+CUDA_MIN_CAPABILITY = {"int8": (8, 0), "fp8": (8, 9)}
+CUDA_METHODS = tuple(CUDA_MIN_CAPABILITY)
 LANGUAGE_MODEL_PREFIX = "vlm.lang_model."  # the official checkpoint's key prefix of the Phi-3 part
 HEAD_KEYS = (LANGUAGE_MODEL_PREFIX + "lm_head.weight", LANGUAGE_MODEL_PREFIX + "lm_head.additional_fc.weight")
 HEAD_NAME = "lm_head_quantized"
 VISION_STORED_INT8 = ("int8", "int4")  # methods that also keep the vision tower + perceiver weights in int8 at rest
 
 
-def check_quantization(method: str | None, device: torch.device | str | None = None) -> str | None:
+def _cuda_requirement(method: str) -> str:
+    major, minor = CUDA_MIN_CAPABILITY[method]
+    return f"quantization={method!r} (compute capability >= {major}.{minor})"
+
+
+def check_quantization(method: str | None, device: torch.device | str | None = None,
+                       capability: tuple[int, int] | None = None) -> str | None:
     """The method, validated: None, or one of QUANTIZATION_METHODS that `device` runs; else `QuantizationError`
-    naming the allowed values."""
+    naming the allowed values. On CUDA the GPU's compute capability decides (`capability`, else asked of `device`)."""
     if method is None:
         return None
     if not isinstance(method, str) or method not in QUANTIZATION_METHODS:
@@ -43,12 +52,16 @@ def check_quantization(method: str | None, device: torch.device | str | None = N
     if device is not None:
         device = torch.device(device)
         if device.type == "cuda":
+            options = " or ".join(_cuda_requirement(m) for m in CUDA_METHODS)
             if method not in CUDA_METHODS:
-                raise QuantizationError(f"quantization={method!r} runs on CPU only; on CUDA use quantization='fp8' "
-                                        "(Hopper-class GPUs) or None")
-            if torch.cuda.get_device_capability(device) < (8, 9):
-                raise QuantizationError("quantization='fp8' needs a GPU with fp8 tensor cores (compute capability "
-                                        ">= 8.9: Ada, Hopper); use quantization=None on this GPU")
+                raise QuantizationError(f"quantization={method!r} runs on CPU only; on CUDA use {options}, or None")
+            capability = tuple(capability or torch.cuda.get_device_capability(device))
+            if capability < CUDA_MIN_CAPABILITY[method]:
+                fits = [_cuda_requirement(m) for m in CUDA_METHODS if capability >= CUDA_MIN_CAPABILITY[m]]
+                reason = ("fp8 tensor cores" if method == "fp8" else "a GPU that Triton compiles for")
+                raise QuantizationError(f"{_cuda_requirement(method)} needs {reason}; this GPU has compute "
+                                        f"capability {capability[0]}.{capability[1]}: use "
+                                        f"{' or '.join(fits) + ', or ' if fits else ''}quantization=None")
         elif device.type != "cpu":
             raise QuantizationError(f"quantization runs on cpu or cuda, not {device.type}")
     return method
