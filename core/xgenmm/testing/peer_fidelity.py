@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import QuantizationError
 from .fidelity import Sample, _fused_embeddings
-from .quant_fidelity import Fidelity, compare
+from .next_token_fidelity import Fidelity, compare
 
 PEER_CONFIG = "torchao.quantization.Int8WeightOnlyConfig(granularity=PerRow(), version=2, set_inductor_config=False)"
 

@@ -17,39 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from .fidelity import Sample, fixture_samples, ours_logits
+from .next_token_fidelity import Fidelity, compare
 
 ANSWER = ("The picture shows a few coloured rectangles and a white ring on a plain background; the largest shape is "
           "near the top left corner.")
 QUESTIONS = ("Describe this picture in one sentence.", "What colours do you see?", "How many shapes are there?")
 TEXT_PROMPTS = ("What is the capital of France?", "Write a haiku about the sea.",
                 "Explain in two sentences why the sky is blue.")
-
-
-@dataclass
-class Fidelity:
-    positions: int
-    greedy_agreement: float
-    mean_kl: float
-    max_kl: float
-    max_logit_error: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def compare(reference: list[torch.Tensor], quantized: list[torch.Tensor]) -> Fidelity:
-    """Next-token distributions of the quantized model against the reference's, position by position."""
-    a, b = torch.cat(reference).float(), torch.cat(quantized).float()
-    log_p, log_q = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp(min=0)
-    return Fidelity(positions=a.shape[0], greedy_agreement=round(float(a.argmax(-1).eq(b.argmax(-1)).float().mean()), 4),
-                    mean_kl=float(kl.mean()), max_kl=float(kl.max()), max_logit_error=float((a - b).abs().max()))
 
 
 def synthetic_image(i: int, size: tuple[int, int] = (640, 480)):
