@@ -3,7 +3,8 @@
 
 `xgenmm bench --fidelity --quantization int8 --model PATH`: how far the quantized model's next-token distributions are
 from the unquantized one's (greedy agreement, mean / max KL) on a fixed prompt set, text and images
-(`xgenmm.testing.quant_fidelity`; ships with the package, no checkout needed)."""
+(`xgenmm.testing.quant_fidelity`; ships with the package, no checkout needed); `--peer` adds transformers + torchao
+int8 weight-only measured the same way (needs torchao)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ Samples: the upstream golden fixtures (their prompts, images and upstream's gree
 set (`prompt_samples`: text-only and image chat prompts, each continued by a fixed answer) tokenized with the
 checkpoint's own tokenizer. Random weights have no outlier channels, which is what makes low-bit weights hard on real
 ones, so a table from random checkpoints says the code is right, not that the real model keeps its quality: users
-with the real weights run this command on them.
+with the real weights run this command on them. `--peer` adds the same measurement for transformers + torchao int8
+weight-only against transformers unquantized (`peer_fidelity`).
 """
 
 from __future__ import annotations
@@ -16,39 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from .fidelity import Sample, fixture_samples, ours_logits
+from .next_token_fidelity import Fidelity, compare
 
 ANSWER = ("The picture shows a few coloured rectangles and a white ring on a plain background; the largest shape is "
           "near the top left corner.")
 QUESTIONS = ("Describe this picture in one sentence.", "What colours do you see?", "How many shapes are there?")
 TEXT_PROMPTS = ("What is the capital of France?", "Write a haiku about the sea.",
                 "Explain in two sentences why the sky is blue.")
-
-
-@dataclass
-class Fidelity:
-    positions: int
-    greedy_agreement: float
-    mean_kl: float
-    max_kl: float
-    max_logit_error: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def compare(reference: list[torch.Tensor], quantized: list[torch.Tensor]) -> Fidelity:
-    """Next-token distributions of the quantized model against the reference's, position by position."""
-    a, b = torch.cat(reference).float(), torch.cat(quantized).float()
-    log_p, log_q = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp(min=0)
-    return Fidelity(positions=a.shape[0], greedy_agreement=round(float(a.argmax(-1).eq(b.argmax(-1)).float().mean()), 4),
-                    mean_kl=float(kl.mean()), max_kl=float(kl.max()), max_logit_error=float((a - b).abs().max()))
 
 
 def synthetic_image(i: int, size: tuple[int, int] = (640, 480)):
@@ -116,6 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "default: synthetic pictures)")
     ap.add_argument("--fixtures", default=None, help="use the golden fixtures folder's samples instead "
                     "(e.g. tests/fixtures/xgenmm-tiny, with --model its checkpoint + a tokenizer)")
+    ap.add_argument("--peer", action="store_true", help="also measure transformers + torchao int8 weight-only "
+                    "against transformers in --dtype on the same samples (needs torchao; xgenmm.testing.peer_fidelity)")
     ap.add_argument("--out", default=None, help="write the table as JSON here")
     args = ap.parse_args(argv)
     methods = [m.strip() for m in args.quantization.split(",") if m.strip()]
@@ -123,6 +105,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     for method in methods:
         check_quantization(method, args.device)
+    if args.peer:
+        from .peer_fidelity import require_torchao
+
+        require_torchao()  # before any model is loaded
     if args.fixtures:
         samples = fixture_samples(args.fixtures)
     else:
@@ -131,13 +117,25 @@ def main(argv: list[str] | None = None) -> dict:
         samples = prompt_samples(args.model, [Image.open(p) for p in args.image] if args.image else None)
     started = time.time()
     table = measure(args.model, samples, methods, args.dtype, args.device)
+    peer = None
+    if args.peer:
+        from .peer_fidelity import measure_peer
+
+        peer = measure_peer(args.model, samples, args.dtype, args.device)
     report = {"model": str(args.model), "dtype": args.dtype, "device": args.device, "samples": len(samples),
               "image_samples": sum(1 for s in samples if s.images), "torch": torch.__version__,
               "seconds": round(time.time() - started, 1), "fidelity": {m: f.to_dict() for m, f in table.items()}}
+    if peer is not None:
+        report["peer"] = peer.to_dict()
     print(f"{'method':<8} {'positions':>9} {'greedy agreement':>16} {'mean KL':>10} {'max KL':>10} {'max |dlogit|':>12}")
     for method, f in table.items():
         print(f"{method:<8} {f.positions:>9} {f.greedy_agreement:>16.2%} {f.mean_kl:>10.2e} {f.max_kl:>10.2e} "
               f"{f.max_logit_error:>12.3f}")
+    if peer is not None:
+        f = peer.fidelity
+        print(f"{'peer':<8} {f.positions:>9} {f.greedy_agreement:>16.2%} {f.mean_kl:>10.2e} {f.max_kl:>10.2e} "
+              f"{f.max_logit_error:>12.3f}  (transformers {peer.transformers} + torchao {peer.torchao} int8 "
+              f"weight-only, against transformers {args.dtype})")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
     return report
