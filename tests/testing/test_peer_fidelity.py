@@ -15,8 +15,8 @@ from xgenmm.testing import peer_fidelity
 from xgenmm.testing.peer_fidelity import int8_linears, quantize_int8_weight_only, torchao_version
 from xgenmm.testing.quant_fidelity import synthetic_image
 
-needs_torchao = pytest.mark.skipif(torchao_version() is None, reason="torchao is not installed (pip install "
-                                   "'torchao>=0.18', in the dev extra): the transformers+torchao peer cannot run")
+needs_torchao = pytest.mark.skipif(torchao_version() is None, reason="torchao is not installed (pip install -e "
+                                   "'.[peer]': kept out of dev, see pyproject.toml): the transformers+torchao peer cannot run")
 
 
 @needs_torchao

@@ -6,9 +6,12 @@ weights (`reference.build_hf_language_model`, SDPA attention), quantized with to
 protocol as our rows (`quant_fidelity.compare`): the same samples, the same continuation positions, KL(unquantized ||
 quantized). Images: transformers has no xGen-MM model class, so both sides of the peer take the fused embeddings
 from the checkpoint's vision tower and perceiver (our modules with ATen linears, as upstream's remote code runs them,
-in the reference dtype and never quantized, as ours are not); only the language model and the head differ.
+in the reference dtype and never quantized); only the language model and the head differ. So the peer row measures the
+language model's int8 alone; our `int8` also keeps the vision tower and perceiver int8 at rest (docs/quantization.md
+gives our rows both ways).
 
-torchao is optional (`pip install 'torchao>=0.18'`; the dev extra has it): without it `measure_peer` raises a
+torchao is optional (`pip install 'xgenmm[peer]'`): not in the dev extra, because once installed it is imported with
+every transformers model class (seconds per start, torch warnings on stderr). Without it `measure_peer` raises a
 `QuantizationError` saying so.
 """
 
@@ -40,7 +43,7 @@ def require_torchao() -> str:
     version = torchao_version()
     if version is None:
         raise QuantizationError("the transformers+torchao peer needs torchao: pip install 'torchao>=0.18' "
-                                "(or the dev extra)")
+                                "(or pip install 'xgenmm[peer]')")
     return version
 
 
