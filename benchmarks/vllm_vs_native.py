@@ -288,6 +288,12 @@ def ratios(runs: dict[str, list[dict]]) -> dict:
     return out
 
 
+def round_order(names: list[str], round_index: int) -> list[str]:
+    """The engines' order in a round: rotated by one each round, so none always runs first (or after the same)."""
+    shift = round_index % len(names)
+    return names[shift:] + names[:shift]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="scaled", choices=["tiny", "small", "scaled", "full"])
@@ -355,7 +361,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as compile_cache:
         for round_index in range(args.rounds):
-            order = names[round_index % len(names):] + names[: round_index % len(names)]
+            order = round_order(names, round_index)
             report["round_orders"].append(order)
             for name in order:
                 variant = VARIANTS[name]
