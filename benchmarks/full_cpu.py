@@ -108,20 +108,31 @@ def perceiver_linear_flops(perceiver, n_media: int, n_latents: int) -> int:
     return flops
 
 
+def siglip_flops_per_crop(tower, cfg) -> int:
+    """SigLIP on one 384x384 crop: every parameter once per patch token (n = 729), plus attention's QK^T and PV."""
+    v = cfg.vision
+    n = (v["image_size"] // v["patch_size"]) ** 2
+    params = sum(p.numel() for p in tower.parameters())
+    return 2 * params * n + 4 * n * n * v["hidden_size"] * v["num_hidden_layers"]
+
+
+def resampler_flops_per_crop(perceiver, cfg) -> int:
+    """The perceiver on one crop's n media tokens: its linears (`perceiver_linear_flops`: only `to_kv` on the
+    n + 128 rows) plus the latents' attention over the n + 128 keys."""
+    v, pc = cfg.vision, cfg.perceiver
+    n = (v["image_size"] // v["patch_size"]) ** 2
+    lat = pc.num_latents
+    return perceiver_linear_flops(perceiver, n, lat) + 4 * lat * (n + lat) * pc.heads * pc.dim_head * pc.depth
+
+
 def model_costs(model) -> dict:
     """Bytes a decode step reads per token (LM weights + head) and FLOPs per LM token / per vision crop."""
     lm_params = sum(p.numel() for p in model.language_model.parameters())
     head = model.lm_head_weight.numel() + model.lm_head_bias.numel()
     elem = model.lm_head_weight.element_size()
     cfg = model.config
-    v = cfg.vision
-    n = (v["image_size"] // v["patch_size"]) ** 2
-    siglip_params = sum(p.numel() for p in model.vision.vision_encoder.parameters())
-    perceiver = model.vision.vision_tokenizer
-    heads_dim = cfg.perceiver.heads * cfg.perceiver.dim_head
-    lat = cfg.perceiver.num_latents
-    vision_flops = (2 * siglip_params * n + 4 * n * n * v["hidden_size"] * v["num_hidden_layers"]
-                    + perceiver_linear_flops(perceiver, n, lat) + 4 * lat * (n + lat) * heads_dim * cfg.perceiver.depth)
+    vision_flops = siglip_flops_per_crop(model.vision.vision_encoder, cfg) + resampler_flops_per_crop(
+        model.vision.vision_tokenizer, cfg)
     t = cfg.text
     return {"decode_weight_bytes": (lm_params + head) * elem, "lm_flops_per_token": 2 * lm_params,
             "head_flops": 2 * head, "vision_flops_per_crop": vision_flops,
