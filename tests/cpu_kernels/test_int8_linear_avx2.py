@@ -128,7 +128,7 @@ def test_layer_runs_packed_and_saves_the_plain_layout(tmp_path):
 
     cache = QuantizedWeightsCache(tmp_path, {"method": "int8", "test": True})
     cache.write({"layer": layer})
-    (reread,) = cache.read(torch.device("cpu")).values()
+    (reread,) = dict(cache.read(torch.device("cpu"))).values()
     assert reread.packed and torch.equal(reread(x), expected)
 
 

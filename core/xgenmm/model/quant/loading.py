@@ -20,6 +20,7 @@ from torch import nn
 from ...errors import QuantizationError
 from .cache import QuantizedWeightsCache
 from .linears import QUANTIZED_LINEARS, Int8StoredLinear, QuantizedLinear
+from .memory import release_freed_memory
 
 logger = logging.getLogger("xgenmm.quant")
 
@@ -147,21 +148,27 @@ def load_quantized_into(net: nn.Module, method: str, load_tensors: Callable[[set
                                                      group_size, source_files)
         if cache.is_complete():
             load_tensors(keys - set(linears.values()) - set(HEAD_KEYS))
-            for name, module in cache.read(device).items():
-                _replace(net, name, module)
             net.lm_head_weight = None
+            for name, module in cache.read(device):  # each put in place as read: what it replaces is freed now
+                _replace(net, name, module)
+                if not name.startswith("language_model.") or name.endswith(".down_proj"):
+                    release_freed_memory()  # after the vision layers and each decoder layer
+            release_freed_memory()
             logger.info("quantized weights (%s) read from %s in %.1f s", method, cache.path,
                         time.perf_counter() - started)
             return
     load_tensors(keys - set(linears.values()))  # everything but the decoder's linears (the head included)
     _quantize_head(net, cls, group_size)
     stored = _store_vision_int8(net) if method in VISION_STORED_INT8 else []
+    release_freed_memory()
     for group in _by_layer(linears):
         load_tensors({linears[name] for name in group})
         for name in group:
             sub = net.get_submodule(name)
             _replace(net, name, cls.from_weight(sub.weight, sub.bias, group_size=group_size))
+        release_freed_memory()
     logger.info("language model quantized to %s while loading in %.1f s", method, time.perf_counter() - started)
     if cache is not None:
-        cache.write({name: net.get_submodule(name) for name in [*linears, HEAD_NAME, *stored]})
+        # vision first: a later start reads them first and frees the full-precision vision weights early
+        cache.write({name: net.get_submodule(name) for name in [*stored, HEAD_NAME, *linears]})
         logger.info("quantized weights saved to %s", cache.path)
