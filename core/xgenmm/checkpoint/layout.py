@@ -73,6 +73,35 @@ def check_checkpoint_layout(model, checkpoint_dir: Path) -> CheckpointLayout:
     return CheckpointLayout(files, expected, index)
 
 
+class _Targets:
+    """Checkpoint name -> the model's tensor, looked up by attribute path, only for the names being read. Not
+    `state_dict()`: a quantized layer's state dict is a fresh unpacked copy of its weight, so building one per
+    `load_checkpoint_into` call (the quantizing loader calls it once per decoder layer) copied every layer already
+    quantized, 3.6 GB at the last layer at full size. Falls back to the state dict for a name that is not an attribute
+    path."""
+
+    def __init__(self, model):
+        self._roots = ((_V, model.vision.vision_encoder), (_T, model.vision.vision_tokenizer),
+                       (_L + "model.", model.language_model))
+        self._fallback: dict | None = None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        for prefix, root in self._roots:
+            if name.startswith(prefix):
+                owner, _, attr = name[len(prefix):].rpartition(".")
+                try:
+                    tensor = getattr(root.get_submodule(owner) if owner else root, attr)
+                except AttributeError:
+                    break
+                if isinstance(tensor, torch.Tensor):
+                    return tensor
+                break
+        if self._fallback is None:
+            self._fallback = {prefix + n: t for prefix, root in self._roots
+                              for n, t in root.state_dict(keep_vars=True).items()}
+        return self._fallback[name]
+
+
 def load_checkpoint_into(model, checkpoint_dir: Path, device: torch.device, dtype: torch.dtype,
                          layout: CheckpointLayout | None = None) -> None:
     """Copy every official tensor into `model` (already materialised on `device` with `dtype`), checking keys and
@@ -80,11 +109,7 @@ def load_checkpoint_into(model, checkpoint_dir: Path, device: torch.device, dtyp
     layout = layout or check_checkpoint_layout(model, checkpoint_dir)
     files, expected, index = layout.files, layout.expected, layout.index
     cut = model.config.text.initial_tokenizer_len
-    targets = {
-        **{_V + n: p for n, p in model.vision.vision_encoder.state_dict(keep_vars=True).items()},
-        **{_T + n: p for n, p in model.vision.vision_tokenizer.state_dict(keep_vars=True).items()},
-        **{_L + "model." + n: p for n, p in model.language_model.state_dict(keep_vars=True).items()},
-    }
+    targets = _Targets(model)
     folded = {
         _L + "model.embed_tokens.weight": (model.embed_weight, slice(0, cut), True),
         _L + "model.embed_tokens.additional_embedding.weight": (model.embed_weight, slice(cut, None), False),
