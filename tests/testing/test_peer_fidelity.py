@@ -16,7 +16,8 @@ from xgenmm.testing.peer_fidelity import int8_linears, quantize_int8_weight_only
 from xgenmm.testing.quant_fidelity import synthetic_image
 
 needs_torchao = pytest.mark.skipif(torchao_version() is None, reason="torchao is not installed (pip install -e "
-                                   "'.[peer]': kept out of dev, see pyproject.toml): the transformers+torchao peer cannot run")
+                                   "'.[peer]': kept out of dev, see pyproject.toml): the transformers+torchao peer "
+                                   "cannot run")
 
 
 @needs_torchao

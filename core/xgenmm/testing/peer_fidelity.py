@@ -10,8 +10,8 @@ in the reference dtype and never quantized); only the language model and the hea
 language model's int8 alone; our `int8` also keeps the vision tower and perceiver int8 at rest (docs/quantization.md
 gives our rows both ways).
 
-torchao is optional (`pip install 'xgenmm[peer]'`): not in the dev extra, because once installed it is imported with
-every transformers model class (seconds per start, torch warnings on stderr). Without it `measure_peer` raises a
+torchao is optional (`pip install '.[peer]'` from the checkout): not in the dev extra, because once installed it is
+imported with every transformers model class (seconds per start, torch warnings on stderr). Without it `measure_peer` raises a
 `QuantizationError` saying so.
 """
 
@@ -43,7 +43,7 @@ def require_torchao() -> str:
     version = torchao_version()
     if version is None:
         raise QuantizationError("the transformers+torchao peer needs torchao: pip install 'torchao>=0.18' "
-                                "(or pip install 'xgenmm[peer]')")
+                                "(or pip install '.[peer]' from the checkout)")
     return version
 
 
