@@ -35,19 +35,14 @@ class StageTimer:
 
         def pre(mod, args, kwargs):
             if self.enabled:
-                self._stack.append([category, time.perf_counter(), 0.0])
+                self._open(category)
                 first = args[0] if args else next(iter(kwargs.values()), None)
                 if record_rows and hasattr(first, "shape"):
                     self.rows[category].append(int(first.shape[0]))
 
         def post(mod, args, out):
             if self.enabled and self._stack and self._stack[-1][0] == category:
-                cat, start, children = self._stack.pop()
-                total = time.perf_counter() - start
-                self.exclusive[cat] += total - children
-                self.calls[cat] += 1
-                if self._stack:
-                    self._stack[-1][2] += total
+                self._close()
 
         self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         self._handles.append(module.register_forward_hook(post))
@@ -78,16 +73,23 @@ class StageTimer:
     def _timed_call(self, category, fn, args, kwargs):
         if not self.enabled:
             return fn(*args, **kwargs)
-        self._stack.append([category, time.perf_counter(), 0.0])
+        self._open(category)
         try:
             return fn(*args, **kwargs)
         finally:
-            cat, start, children = self._stack.pop()
-            total = time.perf_counter() - start
-            self.exclusive[cat] += total - children
-            self.calls[cat] += 1
-            if self._stack:
-                self._stack[-1][2] += total
+            self._close()
+
+    def _open(self, category: str) -> None:
+        self._stack.append([category, time.perf_counter(), 0.0])
+
+    def _close(self) -> None:
+        """End the innermost open call: its exclusive time to its category, its total to its parent's children."""
+        cat, start, children = self._stack.pop()
+        total = time.perf_counter() - start
+        self.exclusive[cat] += total - children
+        self.calls[cat] += 1
+        if self._stack:
+            self._stack[-1][2] += total
 
     def track_inside(self, root: nn.Module, prefix: str) -> None:
         """Split `root` by kind: linears, attention (the attention modules less their projections: rotary + the

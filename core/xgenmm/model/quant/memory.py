@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 
 
 def release_freed_memory() -> None:
@@ -11,8 +12,15 @@ def release_freed_memory() -> None:
     Why: the model is allocated as one tensor per parameter, so the full-precision weights freed while quantizing sit
     between small tensors that stay (norms, biases); glibc keeps such holes mapped, and at full size they held ~0.9 GB
     after loading (RSS 5.9 GB against 5.0 GB trimmed, for 4.5 GB of tensors), and raised the load-time peak."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's `malloc_trim`, loaded once; None where there is no glibc."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim(0)
+        return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):
-        pass
+        return None
