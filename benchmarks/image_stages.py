@@ -18,7 +18,11 @@ request, forward hooks (`stage_timer.StageTimer`, exclusive times) split it into
 * `lm_head` (the last row's logits) and `sampling` (the first token from them);
 * `unaccounted`: time to first token less the stages (request preparation, scheduling, embedding fusion, copies).
 
-Then, in the same process (same threads): SigLIP on the same crops standalone, batched and one crop at a time, and
+`--rounds N` (default 3) repeats the whole set in fresh processes, the engine order alternating per round; the JSON
+keeps every round, a summary (median, min, max of the first token and of each stage; native / other paired per round
+and as the ratio of medians), and the table shows each engine's median round.
+
+Then, in the same process (same threads, first round only): SigLIP on the same crops standalone, batched and one crop at a time, and
 the GEMM rate (oneDNN `_linear_pointwise` and ATen `F.linear`, the better one) at each stage's dtype and a
 representative shape (SigLIP MLP on all crops' rows, the perceiver's feed-forward on the latents' rows, the LM's
 gate/up projection on the prompt's rows). FLOPs: SigLIP 2 x params x 729 + attention per crop, the perceiver's
@@ -298,6 +302,7 @@ def main() -> None:
                     help="warm up on an image request (default) or only on text (saves one image prefill)")
     ap.add_argument("--no-siglip-compare", dest="siglip_compare", action="store_false",
                     help="skip the standalone batched / per-crop SigLIP runs")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds, engine order alternating (default 3)")
     ap.add_argument("--child-timeout-s", type=float, default=5400)
     ap.add_argument("--output", help="default: benchmarks/results/image_stages_<preset>_<dtype>.json")
     ap.add_argument("--engine", help=argparse.SUPPRESS)
@@ -310,7 +315,7 @@ def main() -> None:
     import torch
 
     from random_checkpoints import cached_random_checkpoint
-    from vllm_cpu_setup import documented_preload, machine_info, with_preload
+    from vllm_cpu_setup import documented_preload, machine_info
 
     from xgenmm.placement import resolve_dtype
 
@@ -328,31 +333,92 @@ def main() -> None:
     passthrough = [f"--dtype={args.dtype}", f"--kv-cache-gib={args.kv_cache_gib}", f"--warmup={args.warmup}"]
     if not args.siglip_compare:
         passthrough.append("--no-siglip-compare")
-    for name in names:
-        variant = VARIANTS[name]
-        child_env = dict(env, **variant.env)
-        if variant.documented_preload:
-            child_env = with_preload(child_env, preload)
-        print(f"[stages] {name} ...", file=sys.stderr, flush=True)
-        t = time.perf_counter()
-        try:
-            proc = subprocess.run([sys.executable, __file__, f"--engine={name}", f"--checkpoint={ckpt}", *passthrough],
-                                  env=child_env, capture_output=True, text=True, timeout=args.child_timeout_s)
-        except subprocess.TimeoutExpired as exc:
-            report["engines"][name] = {"error": f"timed out after {exc.timeout} s"}
-            continue
-        if proc.returncode != 0:
-            report["engines"][name] = {"error": proc.stderr[-3000:]}
-            print(f"[stages]   {name} failed:\n{proc.stderr[-2000:]}", file=sys.stderr, flush=True)
-            continue
-        report["engines"][name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        report["engines"][name]["process_wall_s"] = round(time.perf_counter() - t, 1)
-        print(f"[stages]   {name}: {report['engines'][name]['process_wall_s']} s", file=sys.stderr, flush=True)
+    report["rounds"] = []
+    for r in range(args.rounds):
+        order = names if r % 2 == 0 else names[::-1]  # interleaved, alternating order: drift hits both sides
+        extra = [] if r == 0 else ["--no-siglip-compare"]  # the standalone SigLIP comparison once is enough
+        this_round: dict = {}
+        for name in order:
+            print(f"[stages] round {r + 1}/{args.rounds}: {name} ...", file=sys.stderr, flush=True)
+            this_round[name] = run_child(name, ckpt, passthrough + extra, env, preload, args.child_timeout_s)
+        report["rounds"].append(this_round)
+    report["summary"] = summarize(report["rounds"], names)
+    for name in names:  # the table shows, per engine, the round with its median time to first token
+        report["engines"][name] = _median_round(report["rounds"], name)
     out = Path(args.output or RESULTS_DIR / f"image_stages_{report['preset'] or 'model'}_{args.dtype}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print_table(report)
     print(f"wrote {out}")
+
+
+def run_child(name: str, ckpt: str, passthrough: list[str], env: dict, preload: list[str], timeout_s: float) -> dict:
+    """One engine in a fresh process; its JSON result, or {"error": ...}."""
+    from vllm_cpu_setup import with_preload
+    from vllm_vs_native import VARIANTS
+
+    variant = VARIANTS[name]
+    child_env = dict(env, **variant.env)
+    if variant.documented_preload:
+        child_env = with_preload(child_env, preload)
+    t = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, __file__, f"--engine={name}", f"--checkpoint={ckpt}", *passthrough],
+                              env=child_env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        return {"error": f"timed out after {exc.timeout} s"}
+    if proc.returncode != 0:
+        print(f"[stages]   {name} failed:\n{proc.stderr[-2000:]}", file=sys.stderr, flush=True)
+        return {"error": proc.stderr[-3000:]}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["process_wall_s"] = round(time.perf_counter() - t, 1)
+    print(f"[stages]   {name}: first token {result['ttft_s']} s, process {result['process_wall_s']} s",
+          file=sys.stderr, flush=True)
+    return result
+
+
+def _spread(values: list[float]) -> dict:
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3), "max": round(max(values), 3),
+            "values": [round(v, 3) for v in values]}
+
+
+def summarize(rounds: list[dict], names: list[str]) -> dict:
+    """Per engine: time to first token and each stage's seconds over the rounds (median, min, max); per pair with
+    `native`: native / other per round (paired, same round) and the ratio of medians."""
+    summary: dict = {"engines": {}, "native_over": {}}
+    for name in names:
+        ok = [rnd[name] for rnd in rounds if "ttft_s" in rnd.get(name, {})]
+        if not ok:
+            continue
+        entry = {"rounds_ok": len(ok), "ttft_s": _spread([r["ttft_s"] for r in ok]),
+                 "engine_start_s": _spread([r["engine_start_s"] for r in ok]), "stages_s": {}}
+        for key in ok[0]["stages"]:
+            values = [r["stages"][key]["seconds"] for r in ok if key in r["stages"]]
+            entry["stages_s"][key] = _spread(values)
+        summary["engines"][name] = entry
+    if "native" in summary["engines"]:
+        for name in names:
+            if name == "native" or name not in summary["engines"]:
+                continue
+            paired = [rnd["native"]["ttft_s"] / rnd[name]["ttft_s"] for rnd in rounds
+                      if "ttft_s" in rnd.get("native", {}) and "ttft_s" in rnd.get(name, {})]
+            summary["native_over"][name] = {
+                "ttft_paired": _spread(paired) if paired else None,
+                "ttft_ratio_of_medians": round(summary["engines"]["native"]["ttft_s"]["median"]
+                                               / summary["engines"][name]["ttft_s"]["median"], 3),
+                "note": "native / other time to first token: below 1 means native is faster"}
+    return summary
+
+
+def _median_round(rounds: list[dict], name: str) -> dict:
+    ok = sorted((rnd[name] for rnd in rounds if "ttft_s" in rnd.get(name, {})), key=lambda r: r["ttft_s"])
+    if not ok:
+        errors = [rnd[name] for rnd in rounds if name in rnd]
+        return errors[-1] if errors else {"error": "not run"}
+    chosen = dict(ok[(len(ok) - 1) // 2])
+    if "siglip_standalone" in rounds[0].get(name, {}):
+        chosen["siglip_standalone"] = rounds[0][name]["siglip_standalone"]
+    return chosen
 
 
 def print_table(report: dict) -> None:
@@ -393,6 +459,15 @@ def print_table(report: dict) -> None:
                        ("torch threads", lambda r: r["torch_threads"]),
                        ("start, load to ready (s)", lambda r: r["engine_start_s"])):
         print(f"{label:54}" + "".join(f"{str(get(r)):>30}" for r in engines.values()))
+    summary = report.get("summary") or {}
+    for name, entry in summary.get("engines", {}).items():
+        t = entry["ttft_s"]
+        print(f"{name}: first token median {t['median']} s (min {t['min']}, max {t['max']}; rounds {t['values']})")
+    for name, pair in summary.get("native_over", {}).items():
+        paired = pair["ttft_paired"]
+        if paired:
+            print(f"native / {name}: paired median {paired['median']} ({paired['min']}-{paired['max']}), "
+                  f"ratio of medians {pair['ttft_ratio_of_medians']}")
 
 
 if __name__ == "__main__":

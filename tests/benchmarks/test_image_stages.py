@@ -94,3 +94,23 @@ def test_perceiver_flops_charge_only_to_kv_with_the_media_rows():
     expected = 2 * ((10 + 2) * 8 * 2 * inner  # to_kv on media + latents
                     + 2 * (8 * inner + inner * 8 + 8 * 16 + 16 * 8 + 8 * 6))  # to_q, to_out, ff, projection on latents
     assert flops == expected
+
+
+def test_rounds_summary_pairs_native_with_each_engine_per_round():
+    from image_stages import _median_round, summarize
+
+    def result(ttft, siglip):
+        return {"ttft_s": ttft, "engine_start_s": 1.0, "stages": {"siglip": {"seconds": siglip}}}
+
+    rounds = [{"native": result(10.0, 4.0), "vllm": result(8.0, 4.0)},
+              {"vllm": result(12.0, 5.0), "native": result(9.0, 3.0)},
+              {"native": result(30.0, 9.0), "vllm": {"error": "boom"}}]
+    summary = summarize(rounds, ["native", "vllm"])
+    assert summary["engines"]["native"]["ttft_s"] == {"median": 10.0, "min": 9.0, "max": 30.0,
+                                                     "values": [10.0, 9.0, 30.0]}
+    assert summary["engines"]["vllm"]["rounds_ok"] == 2
+    pair = summary["native_over"]["vllm"]
+    assert pair["ttft_paired"]["values"] == [1.25, 0.75]  # only rounds where both ran; same-round pairs
+    assert pair["ttft_ratio_of_medians"] == round(10.0 / 10.0, 3)
+    assert _median_round(rounds, "native")["ttft_s"] == 10.0
+    assert _median_round(rounds, "vllm")["ttft_s"] == 8.0  # lower median of two
