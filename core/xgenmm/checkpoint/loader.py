@@ -66,5 +66,9 @@ def load_model(
     net.eval().requires_grad_(False)
     if linear_kernel == "auto" and onednn_linear_available(device, torch_dtype):
         net.use_onednn_linears()
+    if torch.device(device).type == "cpu":
+        from ..host_memory import keep_large_allocations
+
+        keep_large_allocations()  # after the weights: activations reuse their pages (see host_memory.py)
     net.checkpoint_dir = checkpoint_dir
     return net

@@ -135,6 +135,19 @@ def use_onednn_linears(module: nn.Module) -> int:
     return _switch(module, OneDNNLinear)
 
 
+def use_aten_linears(module: nn.Module) -> int:
+    """Switch `module`'s oneDNN linear layers back to plain `nn.Linear` (ATen's GEMM); returns how many."""
+    return _switch(module, nn.Linear)
+
+
+def vision_prefers_aten(dtype: torch.dtype) -> bool:
+    """float32 on a CPU whose best vector ISA torch reports as AVX2: there ATen's sgemm ran the vision tower's shapes
+    (hundreds to thousands of rows) 1.03-1.15x faster than oneDNN (AMD Zen 3, 2 threads, 4 interleaved rounds:
+    SigLIP fc1 / fc2 / qkv on 5 crops 1.15 / 1.10 / 1.13x, the perceiver's feed-forward 1.03x), while oneDNN stays
+    1.2-2x faster at decode sizes, so only the vision tower moves. On AVX-512 CPUs oneDNN was never slower."""
+    return dtype == torch.float32 and torch.backends.cpu.get_cpu_capability() == "AVX2"
+
+
 def use_packed_bf16_linears(module: nn.Module) -> int:
     """Replace every bf16 linear layer inside `module` by a `PackedBf16Linear` (one layer's weight packed at a time,
     the plain copy freed); returns how many were replaced."""

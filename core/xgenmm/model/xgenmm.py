@@ -14,7 +14,8 @@ from torch import nn
 
 from ..attention.base import AttentionBackend, AttentionMetadata, KVCache
 from .config import XGenMMConfig
-from .cpu_linear import bf16_kernel_available, bf16_kernel_linear, onednn_linear, use_onednn_linears, use_packed_bf16_linears
+from .cpu_linear import (bf16_kernel_available, bf16_kernel_linear, onednn_linear, use_aten_linears, use_onednn_linears,
+                         use_packed_bf16_linears, vision_prefers_aten)
 from .phi3 import Phi3Decoder
 from .vision import VisionEncoder
 
@@ -35,8 +36,12 @@ class XGenMMForConditionalGeneration(nn.Module):
 
     def use_onednn_linears(self) -> int:
         """CPU linears (see `cpu_linear.py`): oneDNN for every layer, except that in bf16 the language model and its
-        head run our batch-invariant kernel where it is built. Returns the layers switched."""
+        head run our batch-invariant kernel where it is built, and a float32 vision tower on AVX2 CPUs keeps ATen's
+        GEMM (`vision_prefers_aten`). Returns the layers switched to oneDNN."""
         count = use_onednn_linears(self)
+        vision_weight = self.vision.vision_tokenizer.latents
+        if vision_prefers_aten(vision_weight.dtype):
+            count -= use_aten_linears(self.vision)  # large-row GEMMs: ATen's sgemm is faster on AVX2 CPUs
         weight = self.lm_head_weight
         if weight is not None and bf16_kernel_available(weight.device, weight.dtype):
             from ..cpu_kernels import to_hugepages
