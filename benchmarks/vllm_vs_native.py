@@ -388,19 +388,26 @@ def main() -> None:
                 result["round"], result["process_wall_s"] = round_index, round(time.perf_counter() - t, 1)
                 runs[name].append(result)
                 print(f"[bench]   {name}: {result['process_wall_s']} s", file=sys.stderr, flush=True)
+                write_report(report, runs, args.rounds, Path(args.output), complete=False)  # a long run keeps its rounds
+    write_report(report, runs, args.rounds, Path(args.output), complete=True)
+    print_table(report)
+    print(f"wrote {args.output}")
+
+
+def write_report(report: dict, runs: dict[str, list[dict]], rounds: int, out: Path, complete: bool) -> None:
+    """Summaries and ratios of the runs so far into `report`, written to `out` (after every engine run, so an
+    interrupted multi-hour run keeps its finished rounds; `complete` says whether every round ran)."""
     for name, results in runs.items():
         ok = [r for r in results if "error" not in r]
-        report["engines"][name] = {"summary": summarize(ok) if ok else {"error": "every round failed"},
+        report["engines"][name] = {"summary": summarize(ok) if ok else {"error": "no round finished"},
                                    "rounds": results}
-    # pair rounds by index (a failed round pairs with nothing)
+    # pair rounds by index (a failed or missing round pairs with nothing)
     by_round = {name: [next((r for r in results if r.get("round") == i and "error" not in r), {})
-                       for i in range(args.rounds)] for name, results in runs.items()}
+                       for i in range(rounds)] for name, results in runs.items()}
     report["ratios"] = ratios(by_round)
-    out = Path(args.output)
+    report["complete"] = complete
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print_table(report)
-    print(f"wrote {out}")
 
 
 def print_table(report: dict) -> None:

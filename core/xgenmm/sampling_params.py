@@ -67,9 +67,11 @@ def _reject_unknown(cls: type, names) -> None:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(names) - known)
     if unknown:
-        prefix = "structured_outputs." if cls.__name__ == "StructuredOutputsParams" else ""
+        nested = cls.__name__ == "StructuredOutputsParams"
+        prefix = "structured_outputs." if nested else ""
+        where = "structured_outputs (StructuredOutputsParams)" if nested else cls.__name__  # an empty key names no field
         raise SamplingParamsError(
-            f"unknown {cls.__name__} option(s): {', '.join(map(repr, unknown))}; valid options: {', '.join(sorted(known))}",
+            f"unknown {where} option(s): {', '.join(map(repr, unknown))}; valid options: {', '.join(sorted(known))}",
             field=prefix + unknown[0],
         )
 

@@ -61,3 +61,24 @@ def test_preload_puts_the_documented_libraries_first_once():
     env = with_preload({"LD_PRELOAD": "/x/libfoo.so:/lib/libtcmalloc_minimal.so.4"},
                        ["/lib/libtcmalloc_minimal.so.4", "/venv/lib/libiomp5.so"])
     assert env["LD_PRELOAD"] == "/lib/libtcmalloc_minimal.so.4:/venv/lib/libiomp5.so:/x/libfoo.so"
+
+
+def test_an_interrupted_run_keeps_its_finished_rounds(tmp_path):
+    """After each engine run the report is rewritten: the rounds so far, summarised and paired, marked incomplete;
+    the last write marks it complete."""
+    import json
+
+    vn = _load()
+    out = tmp_path / "r.json"
+    runs = {"native": [{"round": 0, "engine_start_s": 10.0}], "vllm": []}
+    report = {"engines": {}}
+    vn.write_report(report, runs, 3, out, complete=False)
+    saved = json.loads(out.read_text())
+    assert saved["complete"] is False
+    assert saved["engines"]["native"]["summary"]["engine_start_s"]["median"] == 10.0
+    assert saved["engines"]["vllm"]["summary"] == {"error": "no round finished"}
+    assert saved["ratios"]["native_vs_vllm"] == {}
+    runs["vllm"].append({"round": 0, "engine_start_s": 20.0})
+    vn.write_report(report, runs, 3, out, complete=True)
+    saved = json.loads(out.read_text())
+    assert saved["complete"] is True and saved["ratios"]["native_vs_vllm"]["engine_start_s"]["ratio_of_medians"] == 2.0

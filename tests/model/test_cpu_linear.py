@@ -1,5 +1,6 @@
-"""oneDNN linear layers on CPU (float32): the loader switches every linear layer and the LM head, the switch keeps
-parameters and state dict, and the numbers stay at float32 rounding distance from ATen's `F.linear`."""
+"""CPU linear layers (float32): the loader switches every linear layer and the LM head to oneDNN, except the vision
+tower on AVX2 CPUs (ATen's sgemm) and the language model on AVX2 CPUs (our packed kernel where it is built); the
+switch keeps parameters and state dict, and the numbers stay at float32 rounding distance from ATen's `F.linear`."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from torch import nn
 
 from xgenmm.checkpoint import load_model
 from xgenmm.errors import ConfigError
-from xgenmm.model.cpu_linear import OneDNNLinear, onednn_linear, onednn_linear_available, use_onednn_linears
+from xgenmm import cpu_kernels
+from xgenmm.model.cpu_linear import (OneDNNLinear, PackedF32Linear, onednn_linear, onednn_linear_available,
+                                     use_onednn_linears)
 
 pytestmark = pytest.mark.skipif(not onednn_linear_available("cpu", torch.float32),
                                 reason="this torch build has no oneDNN CPU linear")
@@ -51,15 +54,28 @@ def test_loader_runs_the_model_on_onednn_on_cpu_and_the_float32_vision_on_aten_w
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     fast = load_model(tiny_checkpoint, "cpu", "float32")
     plain = load_model(tiny_checkpoint, "cpu", "float32", linear_kernel="torch")
-    assert fast.linear_kernel == "onednn" and plain.linear_kernel == "torch"
-    vision_aten = capability == "AVX2"  # ATen's sgemm is faster at the vision tower's row counts there
+    avx2 = capability == "AVX2"  # ATen's sgemm is faster at the vision tower's row counts there
+    lm_packed = avx2 and cpu_kernels.int8_available()  # and our packed kernel runs the language model
+    assert fast.linear_kernel == ("onednn+xgenmm_f32" if lm_packed else "onednn") and plain.linear_kernel == "torch"
     for name, m in fast.named_modules():
-        if type(m) in (nn.Linear, OneDNNLinear):  # SigLIP and perceiver by the rule; Phi-3 always oneDNN
-            want = nn.Linear if vision_aten and name.startswith("vision.") else OneDNNLinear
+        if type(m) in (nn.Linear, OneDNNLinear, PackedF32Linear):
+            if name.startswith("vision."):
+                want = nn.Linear if avx2 else OneDNNLinear
+            else:
+                want = PackedF32Linear if lm_packed else OneDNNLinear
             assert type(m) is want, name
-    assert sum(type(m) in (nn.Linear, OneDNNLinear) for m in fast.modules()) == sum(
+    assert sum(type(m) in (nn.Linear, OneDNNLinear, PackedF32Linear) for m in fast.modules()) == sum(
         type(m) is nn.Linear for m in plain.modules())
     assert fast.state_dict().keys() == plain.state_dict().keys()
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in fast.state_dict().items())
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(7, fast.config.text.hidden_size, generator=g)
+    with torch.inference_mode():  # a decoder layer's linears: packed (or oneDNN) vs ATen
+        a_mlp, b_mlp = fast.language_model.layers[0].mlp(x), plain.language_model.layers[0].mlp(x)
+        a_qkv = fast.language_model.layers[0].self_attn.qkv_proj(x)
+        b_qkv = plain.language_model.layers[0].self_attn.qkv_proj(x)
+    torch.testing.assert_close(a_mlp, b_mlp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a_qkv, b_qkv, rtol=1e-5, atol=1e-5)
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(5, fast.config.text.hidden_size, generator=g)
     with torch.inference_mode():

@@ -14,8 +14,8 @@ from torch import nn
 
 from ..attention.base import AttentionBackend, AttentionMetadata, KVCache
 from .config import XGenMMConfig
-from .cpu_linear import (bf16_kernel_available, bf16_kernel_linear, onednn_linear, use_aten_linears, use_onednn_linears,
-                         use_packed_bf16_linears, vision_prefers_aten)
+from .cpu_linear import (bf16_kernel_available, bf16_kernel_linear, f32_kernel_available, onednn_linear, use_aten_linears,
+                         use_onednn_linears, use_packed_bf16_linears, use_packed_f32_linears, vision_prefers_aten)
 from .phi3 import Phi3Decoder
 from .vision import VisionEncoder
 
@@ -31,13 +31,15 @@ class XGenMMForConditionalGeneration(nn.Module):
         self.embed_weight = nn.Parameter(torch.empty(vocab, text.hidden_size))
         self.lm_head_weight = nn.Parameter(torch.empty(vocab, text.hidden_size))
         self.lm_head_bias = nn.Parameter(torch.empty(vocab))
-        self.linear_kernel = "torch"  # "onednn" / "onednn+xgenmm_bf16" once `use_onednn_linears` switched the model (CPU)
+        self.linear_kernel = "torch"  # "onednn" / "onednn+xgenmm_bf16" / "onednn+xgenmm_f32": see `use_onednn_linears`
         self.lm_head_quantized: nn.Module | None = None  # set (and lm_head_weight freed) by model/quant/
 
     def use_onednn_linears(self) -> int:
         """CPU linears (see `cpu_linear.py`): oneDNN for every layer, except that in bf16 the language model and its
-        head run our batch-invariant kernel where it is built, and a float32 vision tower on AVX2 CPUs keeps ATen's
-        GEMM (`vision_prefers_aten`). Returns the layers switched to oneDNN."""
+        head run our batch-invariant kernel where it is built, in float32 on AVX2 CPUs the language model runs our
+        packed float32 kernel (`f32_kernel_available`; the head stays on oneDNN), and a float32 vision tower on AVX2
+        CPUs keeps ATen's GEMM (`vision_prefers_aten`). `linear_kernel` names the language model's: "onednn",
+        "onednn+xgenmm_bf16" or "onednn+xgenmm_f32". Returns the layers switched to oneDNN."""
         count = use_onednn_linears(self)
         vision_weight = self.vision.vision_tokenizer.latents
         if vision_prefers_aten(vision_weight.dtype):
@@ -46,9 +48,12 @@ class XGenMMForConditionalGeneration(nn.Module):
         if weight is not None and bf16_kernel_available(weight.device, weight.dtype):
             from ..cpu_kernels import to_hugepages
 
-            use_packed_bf16_linears(self.language_model)  # packed into 2 MiB pages
+            count -= use_packed_bf16_linears(self.language_model)  # packed into 2 MiB pages
             self.lm_head_weight.data = to_hugepages(self.lm_head_weight.data)  # decode streams it every step
             self.linear_kernel = "onednn+xgenmm_bf16"
+        elif weight is not None and f32_kernel_available(weight.device, weight.dtype):
+            count -= use_packed_f32_linears(self.language_model)  # a quantized model's int8 layers are not float32
+            self.linear_kernel = "onednn+xgenmm_f32"
         else:
             self.linear_kernel = "onednn"
         return count
@@ -87,7 +92,7 @@ class XGenMMForConditionalGeneration(nn.Module):
             return self.lm_head_quantized(hidden.float())
         if self.linear_kernel == "onednn+xgenmm_bf16":
             return bf16_kernel_linear(hidden, self.lm_head_weight, self.lm_head_bias).float()
-        if self.linear_kernel == "onednn":
+        if self.linear_kernel in ("onednn", "onednn+xgenmm_f32"):
             return onednn_linear(hidden, self.lm_head_weight, self.lm_head_bias).float()
         return F.linear(hidden, self.lm_head_weight, self.lm_head_bias).float()
 

@@ -17,7 +17,7 @@
 #include <torch/library.h>
 #include <immintrin.h>
 
-#include <sys/mman.h>
+#include "avx2_hugepage.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -25,30 +25,12 @@
 
 namespace {
 
+using xgenmm_avx2::empty_hugepage;
+
 constexpr int64_t kPanel = 64;    // outputs per packed panel: one 64-byte line per input k
 constexpr int64_t kKBlock = 256;  // inputs per K block: a 16 KiB weight tile stays in L1 while the rows pass over it
 constexpr int64_t kMBlock = 96;   // rows per M block
 constexpr int kMaxTileRows = 6;   // 6 rows x 16 outputs = 12 accumulators + 2 weight vectors + 1 broadcast
-
-// An uninitialized CPU tensor backed by 2 MiB pages where Linux grants them (madvise; the same scheme as
-// `empty_hugepage` in linear_bf16_packed.cpp): with 4 KiB pages the TLB misses of a weight stream cost bandwidth.
-at::Tensor empty_hugepage(at::IntArrayRef sizes, at::ScalarType dtype) {
-  constexpr size_t kHuge = size_t(2) << 20;
-  const auto options = at::TensorOptions().dtype(dtype).device(at::kCPU);
-  size_t bytes = c10::elementSize(dtype);
-  for (const int64_t d : sizes) bytes *= static_cast<size_t>(d);
-  if (bytes < kHuge) return at::empty(sizes, options);
-  const size_t len = (bytes + kHuge - 1) / kHuge * kHuge;
-  void* raw = mmap(nullptr, len + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  TORCH_CHECK(raw != MAP_FAILED, "int8 weight packing: could not map ", len, " bytes");
-  const uintptr_t start = reinterpret_cast<uintptr_t>(raw);
-  const uintptr_t aligned = (start + kHuge - 1) & ~uintptr_t(kHuge - 1);
-  if (aligned > start) munmap(raw, aligned - start);
-  const uintptr_t tail = start + len + kHuge - (aligned + len);
-  if (tail) munmap(reinterpret_cast<void*>(aligned + len), tail);
-  madvise(reinterpret_cast<void*>(aligned), len, MADV_HUGEPAGE);
-  return at::from_blob(reinterpret_cast<void*>(aligned), sizes, [len](void* p) { munmap(p, len); }, options);
-}
 
 // int8 [N, K] -> [ceil(N/64)][K][64], the missing outputs of the last panel zero.
 at::Tensor pack_int8_weight(const at::Tensor& weight) {

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ...errors import QuantizationError
+from ..cpu_linear import PackedLinear
 from .cache import QuantizedWeightsCache
 from .linears import QUANTIZED_LINEARS, Int8StoredLinear, QuantizedLinear
 from .memory import release_freed_memory
@@ -69,9 +70,10 @@ def check_quantization(method: str | None, device: torch.device | str | None = N
 
 
 def language_model_linears(net: nn.Module) -> dict[str, str]:
-    """Every linear layer of the language model: its module name in `net` -> its weight's checkpoint key."""
+    """Every linear layer of the language model (plain, oneDNN or packed for our CPU kernels): its module name in
+    `net` -> its weight's checkpoint key."""
     return {f"language_model.{name}": f"{LANGUAGE_MODEL_PREFIX}model.{name}.weight"
-            for name, sub in net.language_model.named_modules() if isinstance(sub, nn.Linear)}
+            for name, sub in net.language_model.named_modules() if isinstance(sub, nn.Linear | PackedLinear)}
 
 
 def vision_linears(net: nn.Module) -> list[str]:
