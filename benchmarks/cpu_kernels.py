@@ -6,9 +6,13 @@
   backend runs). Small M beside the read bandwidth measured here, large M beside oneDNN's best.
 * paged decode attention at Phi-3 geometry (32 heads x 96, block 16) in bf16 and float32: `cpu_paged` (reads the
   blocks in place) against the reference backend (gathers them into a contiguous buffer, then SDPA), beside the
-  read bandwidth.
+  read bandwidth; and the prefill of one 700-token prompt (an image's), `cpu_paged` against the reference's
+  causal flash SDPA, beside the FLOP rate.
 
-    .venv/bin/python benchmarks/cpu_kernels.py        # writes benchmarks/results/cpu_kernels.json
+On an AVX-512 BF16 CPU all of it, with the `xgenmm_cpu` kernels; on an AVX2-only CPU the attention part, with the
+`xgenmm_avx2` build of the same kernel (the bf16 linears are AVX-512 BF16 code).
+
+    .venv/bin/python benchmarks/cpu_kernels.py   # writes benchmarks/results/cpu_kernels.json (_avx2.json on AVX2)
 """
 
 from __future__ import annotations
@@ -77,7 +81,7 @@ def linears(bandwidth: float) -> list[dict]:
     return rows
 
 
-def attention(bandwidth: float) -> list[dict]:
+def attention(bandwidth: float, namespace: str) -> list[dict]:
     from xgenmm.attention import AttentionMetadata, TorchReferenceBackend
 
     heads, dim, bs = 32, 96, 16
@@ -98,7 +102,7 @@ def attention(bandwidth: float) -> list[dict]:
             q = torch.randn(seqs, heads, dim).to(dtype)
             out = torch.empty_like(q)
             ref = TorchReferenceBackend()
-            fns = {"cpu_paged": lambda: torch.ops.xgenmm_cpu.paged_attention(
+            fns = {"cpu_paged": lambda: getattr(torch.ops, namespace).paged_attention(
                        out, q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, 0.1, 0),
                    "gather_sdpa": lambda: ref._decode(q, k_cache, v_cache, meta, lens, 0.1, 1)}
             t = _race(fns, 9)
@@ -114,14 +118,55 @@ def attention(bandwidth: float) -> list[dict]:
     return rows
 
 
+def prefill_attention(namespace: str, tokens: int = 700) -> list[dict]:
+    """One fresh prompt of `tokens` (nothing cached): the causal attention of a whole layer, 32 heads x 96."""
+    from xgenmm.attention import AttentionMetadata, TorchReferenceBackend
+
+    heads, dim, bs = 32, 96, 16
+    nb = -(-tokens // bs)
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32):
+        k_cache = torch.randn(nb, bs, heads, dim).to(dtype)
+        v_cache = torch.randn(nb, bs, heads, dim).to(dtype)
+        tables = torch.randperm(nb).view(1, nb).int()
+        meta = AttentionMetadata(
+            query_start_loc=torch.tensor([0, tokens], dtype=torch.int32), seq_lens=torch.tensor([tokens], dtype=torch.int32),
+            context_lens=torch.tensor([0], dtype=torch.int32), block_tables=tables,
+            slot_mapping=torch.full((tokens,), -1), max_query_len=tokens, max_seq_len=tokens, block_size=bs,
+            query_start_loc_cpu=[0, tokens], seq_lens_cpu=[tokens], context_lens_cpu=[0])
+        q = torch.randn(tokens, heads, dim).to(dtype)
+        empty = torch.zeros(tokens, heads, dim, dtype=dtype)
+        out = torch.empty_like(q)
+        ref = TorchReferenceBackend()
+        fns = {"cpu_paged": lambda: getattr(torch.ops, namespace).paged_attention(
+                   out, q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, 0.1, 0),
+               "flash_sdpa": lambda: ref.forward(q, empty, empty, (k_cache, v_cache), meta, 0.1)}
+        t = _race(fns, 5)
+        flops = 4 * heads * dim * tokens * (tokens + 1) / 2  # QK^T and PV over the causal half, 2 flops per MAC
+        row = {"dtype": str(dtype).removeprefix("torch."), "tokens": tokens, "gflop": round(flops / 1e9, 3)}
+        for name, (best, median) in t.items():
+            row[f"{name}_ms"] = round(best * 1e3, 3)
+            row[f"{name}_median_ms"] = round(median * 1e3, 3)
+            row[f"{name}_gflop_s"] = round(flops / best / 1e9, 1)
+        row["speedup"] = round(t["flash_sdpa"][0] / t["cpu_paged"][0], 2)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu_kernels.json"))
+    ap.add_argument("--out", default=None, help="default benchmarks/results/cpu_kernels.json (_avx2.json on AVX2)")
     args = ap.parse_args(argv)
     from xgenmm import cpu_kernels
+    from xgenmm.attention.cpu_paged import kernel_namespace
 
-    if not cpu_kernels.available():
-        raise SystemExit(f"the CPU kernels are not available here: {cpu_kernels.unavailable_reason()}")
+    namespace = kernel_namespace()
+    if namespace is None:
+        raise SystemExit(f"the CPU kernels are not available here: {cpu_kernels.unavailable_reason()}; "
+                         f"{cpu_kernels.int8_unavailable_reason()}")
+    out = args.out or str(ROOT / "benchmarks" / "results" /
+                          ("cpu_kernels.json" if namespace == "xgenmm_cpu" else "cpu_kernels_avx2.json"))
     load_before = os.getloadavg()
     from full_cpu import measure_bandwidth  # the same probe as the full-size benchmark (2 MiB pages, as the weights)
 
@@ -129,14 +174,16 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
     report = {"benchmark": "cpu_kernels", "device": f"cpu ({platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} cores)", "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "loadavg_before": load_before, "read_bandwidth_gb_s": round(bandwidth / 1e9, 2)}
+              "loadavg_before": load_before, "read_bandwidth_gb_s": round(bandwidth / 1e9, 2), "kernels": namespace}
     with torch.inference_mode():
-        report["linear_bf16"] = linears(bandwidth)
-        report["paged_decode_attention"] = attention(bandwidth)
+        if namespace == "xgenmm_cpu":
+            report["linear_bf16"] = linears(bandwidth)
+        report["paged_decode_attention"] = attention(bandwidth, namespace)
+        report["paged_prefill_attention"] = prefill_attention(namespace)
     report["loadavg_after"] = os.getloadavg()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
     return report
 
 

@@ -1,9 +1,6 @@
-"""Our C++ CPU kernels (`xgenmm.cpu_kernels`): the batch-invariant bf16 linear and the in-place paged attention.
-
-Checked against float32 math (linear: within one bf16 rounding of the output; attention: against the reference
-backend's gather + SDPA, to float32 rounding in float32 and no further from float32 than the reference in bf16), on
-mixed varlen batches (decode rows, chunked-prefill chunks, whole prompts, padding sequences), GQA, a sliding window,
-and every row computed alone vs in a batch (bit-identical)."""
+"""Our AVX-512 BF16 C++ CPU kernels (`xgenmm.cpu_kernels`): the batch-invariant bf16 linear (within one bf16 rounding
+of float32 math, rows bit-identical alone and batched) and the library's build cache. The paged attention of both
+libraries is tested in test_paged_attention.py."""
 
 from __future__ import annotations
 
@@ -12,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from xgenmm import cpu_kernels
-from xgenmm.attention import AttentionMetadata, TorchReferenceBackend, get_attention_backend
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
                                 reason=f"CPU kernels unavailable here: {cpu_kernels.unavailable_reason()}")
@@ -85,128 +81,11 @@ def test_linear_bf16_rejects_bad_inputs():
         torch.ops.xgenmm_cpu.linear_bf16(torch.randn(2, 9).bfloat16(), torch.randn(4, 8).bfloat16(), None)
 
 
-def _meta(q_lens, seq_lens, block_size, tables, window=None):
-    qsl = [0]
-    for n in q_lens:
-        qsl.append(qsl[-1] + n)
-    ctx = [s - q for s, q in zip(seq_lens, q_lens)]
-    return AttentionMetadata(
-        query_start_loc=torch.tensor(qsl, dtype=torch.int32), seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-        context_lens=torch.tensor(ctx, dtype=torch.int32), block_tables=tables,
-        slot_mapping=torch.full((qsl[-1],), -1, dtype=torch.int64), max_query_len=max(q_lens),
-        max_seq_len=max(seq_lens), block_size=block_size, sliding_window=window, query_start_loc_cpu=qsl,
-        seq_lens_cpu=list(seq_lens), context_lens_cpu=ctx)
-
-
-def _case(dtype, heads, kv_heads, head_dim, q_lens, seq_lens, seed=0, block_size=16, num_blocks=80):
-    g = torch.Generator().manual_seed(seed)
-    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
-    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
-    max_blocks = -(-max(seq_lens) // block_size)
-    tables = torch.stack([torch.randperm(num_blocks, generator=g)[:max_blocks] for _ in q_lens]).int()
-    q = torch.randn(sum(q_lens), heads, head_dim, generator=g).to(dtype)
-    return q, (k_cache, v_cache), tables
-
-
-def _paged(q, caches, meta, scale, window=0):
-    out = torch.empty_like(q)
-    torch.ops.xgenmm_cpu.paged_attention(out, q, caches[0], caches[1], meta.block_tables, meta.query_start_loc,
-                                         meta.seq_lens, scale, window)
-    return out
-
-
-def _reference(q, caches, meta, scale):
-    t, kv_heads, d = q.shape[0], caches[0].shape[2], q.shape[2]
-    empty = torch.zeros(t, kv_heads, d, dtype=q.dtype)
-    return TorchReferenceBackend().forward(q, empty, empty, caches, meta, scale)
-
-
-# decode rows, a decode next to a long context, a chunk after a cached prefix, a whole prompt, padding (no rows)
-MIXED = ([1, 7, 40, 1, 0, 23], [37, 7, 100, 300, 0, 60])
-
-
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 96), (8, 2, 64), (4, 4, 16), (2, 1, 128)])
-def test_paged_attention_float32_matches_reference(heads, kv_heads, head_dim):
-    q, caches, tables = _case(torch.float32, heads, kv_heads, head_dim, *MIXED)
-    meta = _meta(*MIXED, 16, tables)
-    out, ref = _paged(q, caches, meta, head_dim**-0.5), _reference(q, caches, meta, head_dim**-0.5)
-    torch.testing.assert_close(out, ref, rtol=2e-6, atol=2e-6)
-
-
-def test_paged_attention_bf16_no_further_from_float32_than_the_reference():
-    q, caches, tables = _case(torch.bfloat16, 4, 4, 96, *MIXED)
-    meta = _meta(*MIXED, 16, tables)
-    exact = _reference(q.float(), tuple(c.float() for c in caches), meta, 96**-0.5)
-    out, ref = _paged(q, caches, meta, 96**-0.5), _reference(q, caches, meta, 96**-0.5)
-    assert out.dtype == torch.bfloat16
-    ours_err, ref_err = (out.float() - exact).abs(), (ref.float() - exact).abs()
-    assert float(ours_err.max()) <= 1.01 * float(ref_err.max()) and float(ours_err.mean()) <= 1.01 * float(ref_err.mean())
-
-
-def test_paged_attention_sliding_window_matches_reference():
-    q, caches, tables = _case(torch.float32, 4, 4, 96, *MIXED, seed=1)
-    meta = _meta(*MIXED, 16, tables, window=9)
-    torch.testing.assert_close(_paged(q, caches, meta, 0.1, window=9), _reference(q, caches, meta, 0.1),
-                               rtol=2e-6, atol=2e-6)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_attention_rows_do_not_depend_on_the_batch(dtype):
-    """A sequence alone gives bit-identical rows to the same sequence inside a mixed batch, and a decode row equals
-    the last row of the same positions computed as a prefill chunk (what preemption by recompute does)."""
-    q, caches, tables = _case(dtype, 4, 4, 96, *MIXED, seed=2)
-    batch = _paged(q, caches, _meta(*MIXED, 16, tables), 0.1)
-    qsl = _meta(*MIXED, 16, tables).query_start_loc_cpu
-    for b in (0, 2, 3, 5):
-        rows = slice(qsl[b], qsl[b + 1])
-        alone = _paged(q[rows].contiguous(), caches, _meta([MIXED[0][b]], [MIXED[1][b]], 16, tables[b : b + 1]), 0.1)
-        assert torch.equal(alone, batch[rows])
-    # sequence 2 as a decode of its last token
-    decode = _paged(q[qsl[3] - 1 : qsl[3]].contiguous(), caches, _meta([1], [100], 16, tables[2:3]), 0.1)
-    assert torch.equal(decode, batch[qsl[3] - 1 : qsl[3]])
-
-
-def test_cpu_paged_backend_is_the_cpu_default_and_stores_kv():
-    backend = get_attention_backend(None, "cpu")
-    assert backend.name == "cpu_paged"
-    q, caches, tables = _case(torch.float32, 4, 4, 16, [3], [3], seed=3)
-    meta = _meta([3], [3], 16, tables)
-    meta.slot_mapping = tables[0, 0].long() * 16 + torch.arange(3)
-    k = torch.randn(3, 4, 16)
-    v = torch.randn(3, 4, 16)
-    out = backend.forward(q, k, v, caches, meta, 0.25)
-    assert torch.equal(caches[0][tables[0, 0], :3], k) and torch.equal(caches[1][tables[0, 0], :3], v)
-    ref = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True,
-                                         scale=0.25).transpose(0, 1)
-    torch.testing.assert_close(out, ref, rtol=2e-6, atol=2e-6)
-
-
 def test_built_library_is_cached_on_disk():
     from xgenmm.cpu_kernels import build
 
     libraries = list((build.cache_dir() / build.build_key()).glob("*.so"))
     assert len(libraries) == 1  # the next process loads this file instead of compiling
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_store_kv_matches_the_reference_scatter(dtype):
-    """The paged backend's one-call KV store writes what the reference `store_kv` writes: strided k / v views of a
-    qkv projection, padding slots (-1) skipped, every other slot untouched; a slot past the cache is an error."""
-    from xgenmm.attention.base import store_kv
-
-    g = torch.Generator().manual_seed(5)
-    blocks, block_size, hkv, d, t = 6, 4, 2, 32, 7
-    qkv = torch.randn(t, 4 * d + 2 * hkv * d, generator=g).to(dtype)
-    _, k, v = qkv.split((4 * d, hkv * d, hkv * d), dim=-1)
-    k, v = k.view(t, hkv, d), v.view(t, hkv, d)
-    slots = torch.tensor([3, 9, -1, 0, 23, -1, 12])
-    want_k, want_v = (torch.randn(blocks, block_size, hkv, d, generator=g).to(dtype) for _ in range(2))
-    got_k, got_v = want_k.clone(), want_v.clone()
-    store_kv(k, v, (want_k, want_v), slots)
-    torch.ops.xgenmm_cpu.store_kv(k, v, got_k, got_v, slots)
-    assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
-    with pytest.raises(RuntimeError, match="outside the cache"):
-        torch.ops.xgenmm_cpu.store_kv(k, v, got_k, got_v, torch.tensor([0, 1, 2, 3, 4, 5, 24]))
 
 
 def test_hugepage_tensors_are_ordinary_tensors_on_2mib_aligned_memory():

@@ -9,7 +9,8 @@ __all__ = ["AttentionBackend", "AttentionMetadata", "KVCache", "allocate_kv_cach
 
 def get_attention_backend(name: str | None, device) -> AttentionBackend:
     """Pick a backend by name; None = the best one for the device: Triton on CUDA when importable; on CPU the
-    in-place paged kernel (`cpu_paged`) where our CPU kernels build (AVX-512 BF16 CPUs), else the torch reference."""
+    in-place paged kernel (`cpu_paged`) where one of our CPU kernel libraries builds (AVX-512 BF16 or AVX2 + FMA),
+    else the torch reference."""
     import torch
 
     device = torch.device(device)
@@ -22,11 +23,9 @@ def get_attention_backend(name: str | None, device) -> AttentionBackend:
             except ImportError:
                 pass
         if device.type == "cpu":
-            from .. import cpu_kernels
+            from .cpu_paged import CpuPagedAttentionBackend, kernel_namespace
 
-            if cpu_kernels.available():
-                from .cpu_paged import CpuPagedAttentionBackend
-
+            if kernel_namespace() is not None:
                 return CpuPagedAttentionBackend()
         return TorchReferenceBackend()
     if name == "torch":

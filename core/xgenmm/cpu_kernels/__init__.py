@@ -1,5 +1,5 @@
-"""Our C++ CPU kernels: bf16 linear layers, paged attention read in place, fused small ops (AVX-512 BF16), and the
-int8 weight-only linear (AVX2 + FMA).
+"""Our C++ CPU kernels: bf16 linear layers, paged attention read in place, fused small ops (AVX-512 BF16); the int8
+weight-only and float32 packed linears, and AVX2 builds of the paged attention and the fused small ops (AVX2 + FMA).
 
 `available()` builds/loads the AVX-512 BF16 library once per process (see `build.py`); its ops are
 `torch.ops.xgenmm_cpu.*`:
@@ -10,11 +10,14 @@ int8 weight-only linear (AVX2 + FMA).
 * `rms_norm`, `add_rms_norm`, `silu_and_mul`, `rotary_embedding_`: a bf16 decoder layer's small ops, fused
   (see `model/cpu_fused_ops.py`).
 
-`int8_available()` builds/loads the AVX2 library (`csrc/int8_linear_avx2.cpp`); its ops are `torch.ops.xgenmm_avx2.*`:
+`int8_available()` builds/loads the AVX2 library (`csrc/*_avx2.cpp`); its ops are `torch.ops.xgenmm_avx2.*`:
 
 * `pack_int8_weight(q)` / `unpack_int8_weight(packed, N)`: an int8 [N, K] weight to / from 64-output panels;
 * `int8_linear(x, packed, scales, bias, N)`: `(x @ q.T) * scales + bias` in x's dtype (bf16 or float32), float32
-  accumulation, every row computed the same way whatever the batch (see `model/quant/linears.py`).
+  accumulation, every row computed the same way whatever the batch (see `model/quant/linears.py`);
+* `pack_f32_weight_` / `linear_f32`: the float32 language model's linears (see `model/cpu_linear.py`);
+* `paged_attention`, `store_kv`: the same contract as above, float32 and bf16 (see `attention/cpu_paged.py`);
+* `rms_norm`, `add_rms_norm`, `silu_and_mul`, `rotary_embedding_`: float32 and bf16 (see `model/cpu_fused_ops.py`).
 """
 
 from __future__ import annotations

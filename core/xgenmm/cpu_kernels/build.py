@@ -10,8 +10,9 @@ Two libraries, each built only where the CPU runs it (`cpu_features`), each with
 
 * `AVX512_BF16` (`torch.ops.xgenmm_cpu`): the bf16 linears, paged attention and fused ops, AVX-512 with the BF16
   extension (VDPBF16PS, VCVTNEPS2BF16): Sapphire Rapids / Cooper Lake Xeons, AMD Zen 4 and later;
-* `AVX2_INT8` (`torch.ops.xgenmm_avx2`): the int8 weight-only linear and the float32 linear on packed weights,
-  AVX2 + FMA + F16C: any x86-64 since Haswell / Zen, so also the AVX2-only machines the project tests on.
+* `AVX2_INT8` (`torch.ops.xgenmm_avx2`): the int8 weight-only linear, the float32 linear on packed weights, and
+  the AVX2 builds of the paged attention and the fused small ops (float32 and bf16), AVX2 + FMA + F16C: any x86-64
+  since Haswell / Zen, so also the AVX2-only machines the project tests on.
 
 Elsewhere (or with no C++ compiler) nothing is built and callers keep their torch paths. Set XGENMM_CPU_KERNELS=0 to
 never use either, XGENMM_CACHE to move the cache (default ~/.cache/xgenmm).
@@ -70,12 +71,17 @@ class KernelLibrary:
 
 
 AVX512_BF16 = KernelLibrary(
-    name="xgenmm_cpu_kernels", title="the xgenmm CPU kernels", sources=SOURCES, headers=("linear_io.h",),
-    cflags=CFLAGS, ldflags=LDFLAGS, needs="AVX-512 BF16 instructions",
+    name="xgenmm_cpu_kernels", title="the xgenmm CPU kernels", sources=SOURCES,
+    headers=("linear_io.h", "paged_attention_plan.h"), cflags=CFLAGS, ldflags=LDFLAGS, needs="AVX-512 BF16 instructions",
     supported=lambda: cpu_supports_kernels(), expected_build_time="1-2 minutes")
 AVX2_INT8 = KernelLibrary(
     name="xgenmm_cpu_kernels_avx2", title="the xgenmm AVX2 kernels",
-    sources=("int8_linear_avx2.cpp", "linear_f32_avx2.cpp"), headers=("avx2_hugepage.h",), cflags=("-O3", "-fopenmp", "-mavx2", "-mfma", "-mf16c"), ldflags=("-fopenmp",),
+    sources=("int8_linear_avx2.cpp", "linear_f32_avx2.cpp", "paged_attention_avx2.cpp", "fused_ops_avx2.cpp"),
+    headers=("avx2_hugepage.h", "paged_attention_plan.h"),
+    # no implicit multiply-add contraction: the float32 small ops round each product as torch does
+    cflags=("-O3", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-DCPU_CAPABILITY=AVX2",
+            "-DCPU_CAPABILITY_AVX2"),
+    ldflags=("-fopenmp",),
     needs="AVX2 + FMA instructions", supported=lambda: cpu_supports_avx2_kernels(),
     expected_build_time="under a minute")
 LIBRARIES = (AVX512_BF16, AVX2_INT8)

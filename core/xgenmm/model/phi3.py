@@ -7,7 +7,8 @@ Parameter names mirror the official checkpoint (`layers.{i}.self_attn.qkv_proj`,
 
 The decoder runs a fused variant (residual add folded into the next RMSNorm, in-place RoPE, SiLU*mul) with the
 same roundings where a provider of those ops exists: `fused_ops.py` (Triton) on CUDA, `cpu_fused_ops.py` (our C++
-kernels) for bf16 on CPU; float32 CPU tensors take the plain torch path (`Phi3Decoder.fused_ops_for`).
+kernels) on CPU for bf16, and for float32 on AVX2 CPUs; other CPU tensors take the plain torch path
+(`Phi3Decoder.fused_ops_for`; `output_hidden_states` always does).
 """
 
 from __future__ import annotations
@@ -143,8 +144,8 @@ class Phi3Decoder(nn.Module):
         self.rotary = rotary
         self.layers = nn.ModuleList(Phi3DecoderLayer(cfg, rotary) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        # "auto": fused Triton kernels for CUDA tensors, our C++ kernels for bf16 CPU tensors, plain torch ops
-        # otherwise; "on" (Triton; tests run it under TRITON_INTERPRET=1 on CPU) / "off" force one path.
+        # "auto": fused Triton kernels for CUDA tensors, our C++ kernels for the CPU tensors `cpu_fused_ops.supported`
+        # takes, plain torch ops otherwise; "on" (Triton; tests run it under TRITON_INTERPRET=1 on CPU) / "off" force one path.
         self.fused_ops = "auto"
 
     def fused_ops_for(self, x: torch.Tensor):
