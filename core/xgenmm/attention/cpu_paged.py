@@ -20,8 +20,7 @@ from ..errors import AttentionBackendUnavailableError
 from .base import AttentionMetadata, KVCache
 from .torch_ref import TorchReferenceBackend
 
-# head sizes each build is compiled for (in units of its vector width)
-_HEAD_DIMS = {"xgenmm_cpu": (16, 32, 64, 96, 128), "xgenmm_avx2": (16, 32, 64, 96, 128)}
+_HEAD_DIMS = (16, 32, 64, 96, 128)  # the head sizes both builds are compiled for
 
 
 def kernel_namespace() -> str | None:
@@ -47,15 +46,14 @@ class CpuPagedAttentionBackend:
                 f"the CPU paged-attention kernel is unavailable: {cpu_kernels.unavailable_reason()}; "
                 f"{cpu_kernels.int8_unavailable_reason()}; use attention_backend=None (auto) or 'torch'")
         ops = getattr(torch.ops, namespace)
-        self.kernel = namespace
         self._op = ops.paged_attention
         self._store = ops.store_kv
-        self._head_dims = _HEAD_DIMS[namespace]
         self._fallback = TorchReferenceBackend()
 
-    def supports(self, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    @staticmethod
+    def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
         return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and q.dtype == k_cache.dtype
-                and q.shape[-1] in self._head_dims)
+                and q.shape[-1] in _HEAD_DIMS)
 
     def forward(self, q, k, v, kv_cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         k_cache, v_cache = kv_cache

@@ -21,12 +21,12 @@ import torch
 def _namespace(dtype: torch.dtype) -> str | None:
     """The op namespace that runs `dtype` here, or None for the plain torch ops."""
     from .. import cpu_kernels
+    from .cpu_linear import f32_kernel_available
 
-    if dtype == torch.bfloat16 and cpu_kernels.available():
-        return "xgenmm_cpu"
-    if dtype == torch.bfloat16 or (dtype == torch.float32 and torch.backends.cpu.get_cpu_capability() == "AVX2"):
-        return "xgenmm_avx2" if cpu_kernels.int8_available() else None
-    return None
+    if dtype == torch.bfloat16:
+        return "xgenmm_cpu" if cpu_kernels.available() else "xgenmm_avx2" if cpu_kernels.int8_available() else None
+    # float32: where the LM's linears run our AVX2 kernel (AVX2-best CPUs, the AVX2 library built)
+    return "xgenmm_avx2" if f32_kernel_available("cpu", dtype) else None
 
 
 def supported(x: torch.Tensor) -> bool:
